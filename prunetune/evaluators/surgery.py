@@ -1,0 +1,335 @@
+"""Apply a SubnetConfig to a model: as reversible masks, or as a physically smaller copy.
+
+Both ways compute the same function. Masks zero a removed head's output before `o_proj`,
+a removed neuron before `down_proj`, skip removed layers, and keep removed embedding
+channels at zero with every RMSNorm taken over the kept channels only. Extraction slices
+the same weights into a new model, so a half-size sub-network runs at half the cost.
+Weights must already be importance-sorted: keeping k means keeping the first k.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from types import MethodType
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from prunetune.search_spaces.dims import Adapter, ModelDims, adapter_for
+from prunetune.search_spaces.subnet import SubnetConfig
+
+SUBNET_FILE = "prunetune_subnet.json"
+
+
+def _identity_layer(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return hidden_states
+
+
+def _head_rows(d: ModelDims, kv: int, q: int, device: torch.device | None = None) -> torch.Tensor:
+    """Indices of the q_proj rows (= o_proj columns) of the kept query heads."""
+    heads = torch.arange(kv, device=device)[:, None] * d.q_per_kv + torch.arange(q, device=device)
+    rows = heads.reshape(-1, 1) * d.head_dim + torch.arange(d.head_dim, device=device)
+    return rows.reshape(-1)
+
+
+def _head_mask(d: ModelDims, kv: int, q: int, like: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(d.num_heads * d.head_dim, dtype=like.dtype, device=like.device)
+    mask[_head_rows(d, kv, q, like.device)] = 1
+    return mask
+
+
+def _prefix_mask(size: int, keep: int, like: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(size, dtype=like.dtype, device=like.device)
+    mask[:keep] = 1
+    return mask
+
+
+def _scale_input(mask: torch.Tensor) -> Any:
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (args[0] * mask, *args[1:])
+    return hook
+
+
+def _zero_channels_from(keep: int) -> Any:
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone() if output.requires_grad else output
+        output[..., keep:] = 0
+        return output
+    return hook
+
+
+def _kept_channel_rmsnorm(keep: int) -> Any:
+    """RMSNorm whose mean of squares runs over the kept channels; the others are zero."""
+    def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        variance = x.pow(2).sum(-1, keepdim=True) / keep
+        x = x * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * x.to(input_dtype)
+    return forward
+
+
+@contextmanager
+def _patched_forward(module: nn.Module, forward: Any) -> Iterator[None]:
+    module.forward = MethodType(forward, module)
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+@contextmanager
+def _hook(handle: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _norms(model: nn.Module, a: Adapter, layers: nn.ModuleList) -> list[nn.Module]:
+    norms = [model.get_submodule(a.final_norm)]
+    for layer in layers:
+        norms += [layer.get_submodule(a.input_norm), layer.get_submodule(a.post_attn_norm)]
+    return norms
+
+
+@contextmanager
+def apply_masks(model: nn.Module, subnet: SubnetConfig) -> Iterator[nn.Module]:
+    """Make the resident model compute `subnet` exactly; restore it on exit.
+
+    No weight is copied: hooks scale the inputs of `o_proj`/`down_proj`, removed layers get
+    an identity forward, and the norms average over the kept embedding channels.
+    """
+    d = ModelDims.from_config(model.config)
+    subnet.validate(d)
+    a = adapter_for(model)
+    layers = model.get_submodule(a.layers)
+    kept = dict(zip(subnet.layers, zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp)))
+    like = next(model.parameters())
+    with ExitStack() as stack:
+        for i, layer in enumerate(layers):
+            if i not in kept:
+                stack.enter_context(_patched_forward(layer, _identity_layer))
+                continue
+            _mask_layer(stack, layer, a, d, kept[i], like)
+        if subnet.embed < d.hidden_size:
+            _mask_channels(stack, model, a, layers, subnet.embed)
+        yield model
+
+
+def _mask_layer(stack: ExitStack, layer: nn.Module, a: Adapter, d: ModelDims,
+                widths: tuple[int, int, int], like: torch.Tensor) -> None:
+    kv, q, m = widths
+    attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
+    if (kv, q) != (d.num_kv_heads, d.q_per_kv):
+        o_proj = attn.get_submodule(a.o)
+        stack.enter_context(_hook(o_proj.register_forward_pre_hook(_scale_input(_head_mask(d, kv, q, like)))))
+    if m != d.intermediate_size:
+        down = mlp.get_submodule(a.down)
+        mask = _prefix_mask(d.intermediate_size, m, like)
+        stack.enter_context(_hook(down.register_forward_pre_hook(_scale_input(mask))))
+
+
+def _mask_channels(stack: ExitStack, model: nn.Module, a: Adapter, layers: nn.ModuleList,
+                   keep: int) -> None:
+    writers = [model.get_submodule(a.embed)]
+    for layer in layers:
+        writers += [layer.get_submodule(a.attn).get_submodule(a.o),
+                    layer.get_submodule(a.mlp).get_submodule(a.down)]
+    for module in writers:
+        stack.enter_context(_hook(module.register_forward_hook(_zero_channels_from(keep))))
+    for norm in _norms(model, a, layers):
+        stack.enter_context(_patched_forward(norm, _kept_channel_rmsnorm(keep)))
+
+
+def subnet_model_config(model_config: Any, subnet: SubnetConfig) -> Any:
+    """The HF config of the extracted model; per-layer widths take the first kept layer's."""
+    d = ModelDims.from_config(model_config)
+    config = copy.deepcopy(model_config)
+    config.hidden_size = subnet.embed
+    config.num_hidden_layers = subnet.num_layers
+    config.head_dim = d.head_dim
+    config.num_key_value_heads = subnet.kv_heads[0]
+    config.num_attention_heads = subnet.kv_heads[0] * subnet.q_per_kv[0]
+    config.intermediate_size = subnet.mlp[0]
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        config.layer_types = [layer_types[i] for i in subnet.layers]
+    return config
+
+
+def _linear(old: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=old.bias is not None,
+                     device="meta", dtype=old.weight.dtype)
+
+
+def _resize_layer(layer: nn.Module, a: Adapter, d: ModelDims, e: int,
+                  widths: tuple[int, int, int]) -> None:
+    """Give one skeleton layer its own head and neuron counts."""
+    kv, q, m = widths
+    attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
+    q_width, kv_width = kv * q * d.head_dim, kv * d.head_dim
+    for name, out_f, in_f in ((a.q, q_width, e), (a.k, kv_width, e), (a.v, kv_width, e),
+                              (a.o, e, q_width)):
+        setattr(attn, name, _linear(attn.get_submodule(name), out_f, in_f))
+    attn.num_key_value_groups = q
+    for name, out_f, in_f in ((a.gate, m, e), (a.up, m, e), (a.down, e, m)):
+        setattr(mlp, name, _linear(mlp.get_submodule(name), out_f, in_f))
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = m
+
+
+def _skeleton(model_config: Any, subnet: SubnetConfig, dtype: torch.dtype) -> nn.Module:
+    """The extracted model's modules on the meta device, no memory allocated."""
+    from transformers import AutoModelForCausalLM
+
+    d = ModelDims.from_config(model_config)
+    config = subnet_model_config(model_config, subnet)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    a = adapter_for(model)
+    if not subnet.is_uniform:
+        layers = model.get_submodule(a.layers)
+        for layer, widths in zip(layers, zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp)):
+            _resize_layer(layer, a, d, subnet.embed, widths)
+    return model
+
+
+def _sliced_state(model: nn.Module, subnet: SubnetConfig) -> dict[str, torch.Tensor]:
+    """The kept part of every weight, keyed by the extracted model's parameter names."""
+    d = ModelDims.from_config(model.config)
+    a = adapter_for(model)
+    e = subnet.embed
+    layers = model.get_submodule(a.layers)
+    state = {
+        f"{a.embed}.weight": model.get_submodule(a.embed).weight[:, :e],
+        f"{a.final_norm}.weight": model.get_submodule(a.final_norm).weight[:e],
+    }
+    if not d.tie_word_embeddings:
+        state[f"{a.lm_head}.weight"] = model.get_submodule(a.lm_head).weight[:, :e]
+    for new_i, (old_i, kv, q, m) in enumerate(zip(subnet.layers, subnet.kv_heads,
+                                                  subnet.q_per_kv, subnet.mlp)):
+        prefix = f"{a.layers}.{new_i}."
+        for name, tensor in _layer_slices(layers[old_i], a, d, e, kv, q, m).items():
+            state[prefix + name] = tensor
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _layer_slices(layer: nn.Module, a: Adapter, d: ModelDims, e: int, kv: int, q: int,
+                  m: int) -> dict[str, torch.Tensor]:
+    attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
+    rows = _head_rows(d, kv, q, attn.get_submodule(a.q).weight.device)
+    kv_rows = kv * d.head_dim
+    out = {
+        f"{a.input_norm}.weight": layer.get_submodule(a.input_norm).weight[:e],
+        f"{a.post_attn_norm}.weight": layer.get_submodule(a.post_attn_norm).weight[:e],
+        f"{a.attn}.{a.q}.weight": attn.get_submodule(a.q).weight[rows, :e],
+        f"{a.attn}.{a.k}.weight": attn.get_submodule(a.k).weight[:kv_rows, :e],
+        f"{a.attn}.{a.v}.weight": attn.get_submodule(a.v).weight[:kv_rows, :e],
+        f"{a.attn}.{a.o}.weight": attn.get_submodule(a.o).weight[:e][:, rows],
+        f"{a.mlp}.{a.gate}.weight": mlp.get_submodule(a.gate).weight[:m, :e],
+        f"{a.mlp}.{a.up}.weight": mlp.get_submodule(a.up).weight[:m, :e],
+        f"{a.mlp}.{a.down}.weight": mlp.get_submodule(a.down).weight[:e, :m],
+    }
+    biases = {a.q: rows, a.k: slice(0, kv_rows), a.v: slice(0, kv_rows), a.o: slice(0, e)}
+    for name, index in biases.items():
+        bias = attn.get_submodule(name).bias
+        if bias is not None:
+            out[f"{a.attn}.{name}.bias"] = bias[index]
+    for name, index in ((a.gate, slice(0, m)), (a.up, slice(0, m)), (a.down, slice(0, e))):
+        bias = mlp.get_submodule(name).bias
+        if bias is not None:
+            out[f"{a.mlp}.{name}.bias"] = bias[index]
+    return out
+
+
+def _materialize(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """Put real tensors into a meta skeleton: weights from `state`, fresh rotary buffers."""
+    a = adapter_for(model)
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.get_submodule(a.lm_head).weight = model.get_submodule(a.embed).weight
+    backbone = model.get_submodule(a.layers.rsplit(".", 1)[0])
+    with torch.device(device):
+        backbone.rotary_emb = type(backbone.rotary_emb)(config=model.config)
+    leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"extracted model has tensors without values: {leftover[:5]}")
+    return model.eval()
+
+
+def extract(model: nn.Module, subnet: SubnetConfig) -> nn.Module:
+    """A new, physically smaller model computing `subnet`; the original is left untouched."""
+    subnet.validate(model.config)
+    weight = next(model.parameters())
+    skeleton = _skeleton(model.config, subnet, weight.dtype)
+    extracted = _materialize(skeleton, _sliced_state(model, subnet), weight.device)
+    extracted.prunetune_subnet = subnet
+    return extracted
+
+
+def random_subnet_model(model_config: Any, subnet: SubnetConfig, dtype: torch.dtype,
+                        device: str | torch.device, seed: int = 0) -> nn.Module:
+    """A model of the sub-network's shapes with random weights, built on `device` directly.
+
+    Latency depends on shapes only, so this stands in for the real extracted model.
+    """
+    subnet.validate(model_config)
+    skeleton = _skeleton(model_config, subnet, dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, p in skeleton.named_parameters():
+        tensor = torch.empty(p.shape, dtype=dtype, device=device)
+        state[name] = tensor.normal_(0, 0.02, generator=generator) if p.dim() > 1 else tensor.fill_(1)
+    return _materialize(skeleton, state, torch.device(device))
+
+
+def save_pruned(model: nn.Module, subnet: SubnetConfig, out_dir: str | Path) -> Path:
+    """Write `subnet` of `model` as a safetensors checkpoint with its config.
+
+    A sub-network with the same widths in every layer is a plain HF checkpoint; per-layer
+    widths are recorded in `prunetune_subnet.json` and need `load_pruned`.
+    """
+    out = Path(out_dir)
+    extract(model, subnet).save_pretrained(out)
+    record = {"subnet": subnet.to_dict(), "uniform": subnet.is_uniform}
+    (out / SUBNET_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu") -> nn.Module:
+    """Load a checkpoint written by `save_pruned`, per-layer widths included."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    record_file = path / SUBNET_FILE
+    if not record_file.is_file():
+        raise FileNotFoundError(f"{record_file}: not a prunetune checkpoint (no {SUBNET_FILE})")
+    record = json.loads(record_file.read_text())
+    if record["uniform"]:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    subnet = SubnetConfig.from_dict(record["subnet"])
+    local = SubnetConfig(layers=tuple(range(subnet.num_layers)), kv_heads=subnet.kv_heads,
+                         q_per_kv=subnet.q_per_kv, mlp=subnet.mlp, embed=subnet.embed)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state.update(load_file(shard, device=str(device)))
+    dtype = dtype or next(iter(state.values())).dtype
+    state = {k: v.to(dtype) for k, v in state.items()}
+    skeleton = _skeleton(_widest_view(AutoConfig.from_pretrained(path), local), local, dtype)
+    return _materialize(skeleton, state, torch.device(device))
+
+
+def _widest_view(config: Any, local: SubnetConfig) -> Any:
+    """A config as wide as the widest layer of `local`, so that `local` validates in it."""
+    view = copy.deepcopy(config)
+    view.num_key_value_heads = max(local.kv_heads)
+    view.num_attention_heads = max(local.kv_heads) * max(local.q_per_kv)
+    view.intermediate_size = max(local.mlp)
+    return view

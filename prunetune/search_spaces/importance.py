@@ -1,0 +1,268 @@
+"""Importance of every prunable unit, and the permutation that sorts the weights by it.
+
+A sub-network keeps the first k heads, neurons or channels. Sorting each group of weights
+so that the most important unit comes first turns "keep k" into "keep the k most
+important". Activation scores follow Minitron (mean magnitude over a calibration batch:
+per query head at the input of `o_proj`, per neuron at the input of `down_proj`, per
+embedding channel at every RMSNorm output); block influence follows ShortGPT
+(1 - cosine similarity of a layer's input and output). Permuting leaves the function
+unchanged, because every permuted axis is summed over or normalised as a whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from prunetune.search_spaces.dims import Adapter, ModelDims, adapter_for
+
+
+@dataclass
+class ImportanceScores:
+    """Scores of one model: higher means more important.
+
+    `heads[i]` has one score per query head of layer i (in the model's head order),
+    `neurons[i]` one per MLP neuron, `embed` one per embedding channel, and
+    `block_influence` one per layer.
+    """
+
+    heads: list[torch.Tensor]
+    neurons: list[torch.Tensor]
+    embed: torch.Tensor
+    block_influence: torch.Tensor
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def layer_order(self) -> list[int]:
+        """Layer indices, most influential first (ShortGPT drops from the end of this)."""
+        return torch.argsort(self.block_influence, descending=True, stable=True).tolist()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the scores as one safetensors file, so a resumed search reuses them."""
+        from safetensors.torch import save_file
+
+        tensors = {"embed": self.embed, "block_influence": self.block_influence}
+        for i, (h, n) in enumerate(zip(self.heads, self.neurons)):
+            tensors[f"heads.{i}"] = h
+            tensors[f"neurons.{i}"] = n
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+                  str(tmp), metadata=self.meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ImportanceScores":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+        n = sum(1 for k in tensors if k.startswith("heads."))
+        return cls(heads=[tensors[f"heads.{i}"] for i in range(n)],
+                   neurons=[tensors[f"neurons.{i}"] for i in range(n)],
+                   embed=tensors["embed"], block_influence=tensors["block_influence"], meta=meta)
+
+
+class _Accumulator:
+    """Sums of per-unit activation magnitudes collected by forward hooks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.a = adapter_for(model)
+        self.d = ModelDims.from_config(model.config)
+        n = self.d.num_layers
+        self.heads = [torch.zeros(self.d.num_heads, dtype=torch.float64) for _ in range(n)]
+        self.neurons = [torch.zeros(self.d.intermediate_size, dtype=torch.float64) for _ in range(n)]
+        self.embed = torch.zeros(self.d.hidden_size, dtype=torch.float64)
+        self.influence = torch.zeros(n, dtype=torch.float64)
+        self.tokens = 0
+
+    def hooks(self) -> Iterator[torch.utils.hooks.RemovableHandle]:
+        a = self.a
+        layers = self.model.get_submodule(a.layers)
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
+            yield attn.get_submodule(a.o).register_forward_pre_hook(self._head_hook(i))
+            yield mlp.get_submodule(a.down).register_forward_pre_hook(self._neuron_hook(i))
+            yield layer.register_forward_hook(self._influence_hook(i), with_kwargs=True)
+            for norm in (a.input_norm, a.post_attn_norm):
+                yield layer.get_submodule(norm).register_forward_hook(self._embed_hook)
+        yield self.model.get_submodule(a.final_norm).register_forward_hook(self._embed_hook)
+
+    def _head_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].float()
+            per_head = x.reshape(*x.shape[:-1], self.d.num_heads, self.d.head_dim).norm(dim=-1)
+            self.heads[i] += per_head.reshape(-1, self.d.num_heads).sum(0).double().cpu()
+        return hook
+
+    def _neuron_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].float().abs()
+            self.neurons[i] += x.reshape(-1, x.shape[-1]).sum(0).double().cpu()
+        return hook
+
+    def _embed_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        x = output.float().abs()
+        self.embed += x.reshape(-1, x.shape[-1]).sum(0).double().cpu()
+
+    def _influence_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            inp = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            cos = nn.functional.cosine_similarity(inp.float(), out.float(), dim=-1)
+            self.influence[i] += (1 - cos).sum().double().cpu()
+        return hook
+
+    def scores(self, meta: dict[str, str]) -> ImportanceScores:
+        t = max(self.tokens, 1)
+        return ImportanceScores(heads=[(h / t).float() for h in self.heads],
+                                neurons=[(n / t).float() for n in self.neurons],
+                                embed=(self.embed / t).float(),
+                                block_influence=(self.influence / t).float(), meta=meta)
+
+
+@torch.inference_mode()
+def activation_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> ImportanceScores:
+    """Minitron activation magnitudes and ShortGPT block influence over a calibration batch."""
+    acc = _Accumulator(model)
+    handles = list(acc.hooks())
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(input_ids), batch_size):
+            batch = input_ids[start:start + batch_size].to(device)
+            model(batch, use_cache=False)
+            acc.tokens += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return acc.scores({"criterion": "activation", "sequences": str(len(input_ids)),
+                       "seq_len": str(input_ids.shape[-1])})
+
+
+@torch.no_grad()
+def magnitude_scores(model: nn.Module) -> ImportanceScores:
+    """Weight-magnitude scores (classic L2 structured pruning), no data needed.
+
+    Block influence is left at zero (weights say nothing about it): layer order stays the
+    model's own.
+    """
+    a, d = adapter_for(model), ModelDims.from_config(model.config)
+    heads, neurons = [], []
+    embed = model.get_submodule(a.embed).weight.float().pow(2).sum(0)
+    for layer in model.get_submodule(a.layers):
+        attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
+        q = attn.get_submodule(a.q).weight.float().reshape(d.num_heads, -1)
+        o = attn.get_submodule(a.o).weight.float().t().reshape(d.num_heads, -1)
+        heads.append((q.pow(2).sum(1) + o.pow(2).sum(1)).sqrt())
+        gate, up = mlp.get_submodule(a.gate).weight.float(), mlp.get_submodule(a.up).weight.float()
+        down = mlp.get_submodule(a.down).weight.float()
+        neurons.append((gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)).sqrt())
+        for name in (a.q, a.k, a.v, a.gate, a.up):
+            w = (attn if name in (a.q, a.k, a.v) else mlp).get_submodule(name).weight.float()
+            embed += w.pow(2).sum(0)
+    return ImportanceScores(heads=[h.cpu() for h in heads], neurons=[n.cpu() for n in neurons],
+                            embed=embed.sqrt().cpu(), block_influence=torch.zeros(d.num_layers),
+                            meta={"criterion": "magnitude"})
+
+
+def _descending(scores: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(scores, descending=True, stable=True)
+
+
+def head_order(scores: torch.Tensor, d: ModelDims) -> tuple[torch.Tensor, torch.Tensor]:
+    """New-to-old indices of query heads and of groups, most important first.
+
+    Groups are ordered by the total score of their heads, heads within a group by score.
+    """
+    per_group = scores.reshape(d.num_kv_heads, d.q_per_kv)
+    groups = _descending(per_group.sum(1))
+    within = torch.stack([_descending(per_group[g]) for g in groups.tolist()])
+    return (groups[:, None] * d.q_per_kv + within).reshape(-1), groups
+
+
+def _take(param: torch.Tensor, index: torch.Tensor, dim: int) -> None:
+    param.copy_(param.index_select(dim, index.to(param.device)))
+
+
+def _expand(units: torch.Tensor, width: int) -> torch.Tensor:
+    """Row indices of whole units (heads of `width` rows) in the given unit order."""
+    return (units[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+@torch.no_grad()
+def permute_model(model: nn.Module, scores: ImportanceScores) -> ImportanceScores:
+    """Sort the model's weights in place by importance; return the scores in the new order.
+
+    The model's logits are unchanged (to float32 rounding): heads move with their group's
+    keys and values, neurons with their gate/up rows and down column, and embedding
+    channels everywhere at once (tied embeddings are one tensor, permuted once).
+    """
+    a, d = adapter_for(model), ModelDims.from_config(model.config)
+    new_heads, new_neurons = [], []
+    for i, layer in enumerate(model.get_submodule(a.layers)):
+        heads, groups = head_order(scores.heads[i], d)
+        _permute_heads(layer, a, d, heads, groups)
+        neurons = _descending(scores.neurons[i])
+        _permute_neurons(layer, a, neurons)
+        new_heads.append(scores.heads[i][heads])
+        new_neurons.append(scores.neurons[i][neurons])
+    channels = _descending(scores.embed)
+    _permute_channels(model, a, channels)
+    return ImportanceScores(heads=new_heads, neurons=new_neurons, embed=scores.embed[channels],
+                            block_influence=scores.block_influence.clone(),
+                            meta={**scores.meta, "permuted": "true"})
+
+
+def _permute_heads(layer: nn.Module, a: Adapter, d: ModelDims, heads: torch.Tensor,
+                   groups: torch.Tensor) -> None:
+    attn = layer.get_submodule(a.attn)
+    q_rows, kv_rows = _expand(heads, d.head_dim), _expand(groups, d.head_dim)
+    for name, rows in ((a.q, q_rows), (a.k, kv_rows), (a.v, kv_rows)):
+        proj = attn.get_submodule(name)
+        _take(proj.weight, rows, 0)
+        if proj.bias is not None:
+            _take(proj.bias, rows, 0)
+    _take(attn.get_submodule(a.o).weight, q_rows, 1)
+
+
+def _permute_neurons(layer: nn.Module, a: Adapter, neurons: torch.Tensor) -> None:
+    mlp = layer.get_submodule(a.mlp)
+    for name in (a.gate, a.up):
+        proj = mlp.get_submodule(name)
+        _take(proj.weight, neurons, 0)
+        if proj.bias is not None:
+            _take(proj.bias, neurons, 0)
+    _take(mlp.get_submodule(a.down).weight, neurons, 1)
+
+
+def _permute_channels(model: nn.Module, a: Adapter, channels: torch.Tensor) -> None:
+    """Permute the residual stream: every reader's columns, every writer's rows, norms."""
+    seen: set[int] = set()
+
+    def take_once(t: torch.Tensor, dim: int) -> None:
+        if id(t) not in seen:
+            seen.add(id(t))
+            _take(t, channels, dim)
+
+    take_once(model.get_submodule(a.embed).weight, 1)
+    take_once(model.get_submodule(a.lm_head).weight, 1)
+    take_once(model.get_submodule(a.final_norm).weight, 0)
+    for layer in model.get_submodule(a.layers):
+        attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
+        for norm in (a.input_norm, a.post_attn_norm):
+            take_once(layer.get_submodule(norm).weight, 0)
+        for reader in (attn.get_submodule(a.q), attn.get_submodule(a.k), attn.get_submodule(a.v),
+                       mlp.get_submodule(a.gate), mlp.get_submodule(a.up)):
+            take_once(reader.weight, 1)
+        for writer in (attn.get_submodule(a.o), mlp.get_submodule(a.down)):
+            take_once(writer.weight, 0)
+            if writer.bias is not None:
+                take_once(writer.bias, 0)
