@@ -1,0 +1,373 @@
+"""The YAML spec of a search: model, search space, objectives, constraints, algorithm,
+evaluation and resources.
+
+Every section rejects unknown keys and wrong types, and the spec checks that each metric
+an objective or constraint names is produced by the evaluation settings, so a search
+fails before any model is loaded, with a message naming the file and the field path
+(`spec.yaml: evaluation.seq_len: Input should be greater than 0`). An empty spec is
+valid: its defaults run a small CPU search on SmolLM2.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Mapping
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic import SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
+
+from prunetune.search_spaces.spaces import preset_bounds
+
+COST_METRICS = ("params", "flops", "kv_bytes_per_token")
+"""Metrics computed from the model config alone: constraints on them are checked before
+a sub-network is evaluated."""
+
+ALWAYS_PRODUCED = ("perplexity", "nll", *COST_METRICS, "peak_memory_bytes")
+LATENCY_METRICS = ("latency_prefill_ms", "latency_decode_ms")
+KNOWN_METRICS = (
+    *ALWAYS_PRODUCED, "acc_<task>", "acc_norm_<task>", "acc_avg", *LATENCY_METRICS,
+)
+
+_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt,
+}
+_CONSTRAINT = re.compile(
+    r"^\s*(?P<metric>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op><=|>=|<|>)\s*"
+    r"(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?P<dense>\*\s*dense)?\s*$"
+)
+CONSTRAINT_FORM = (
+    "'<metric> <op> <number>' or '<metric> <op> <number> * dense' with <op> one of "
+    "<=, <, >=, > (e.g. 'params <= 0.6 * dense', 'latency_decode_ms < 20')"
+)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A bound on one metric, absolute or a multiple of the dense model's value."""
+
+    metric: str
+    op: str
+    value: float
+    relative_to_dense: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Constraint":
+        """Parse `params <= 0.6 * dense`; a ValueError gives the expected form."""
+        match = _CONSTRAINT.match(text)
+        if match is None:
+            raise ValueError(f"cannot parse {text!r}: expected {CONSTRAINT_FORM}")
+        return cls(
+            metric=match["metric"],
+            op=match["op"],
+            value=float(match["value"]),
+            relative_to_dense=match["dense"] is not None,
+        )
+
+    def __str__(self) -> str:
+        dense = " * dense" if self.relative_to_dense else ""
+        return f"{self.metric} {self.op} {self.value:g}{dense}"
+
+    @property
+    def is_precheckable(self) -> bool:
+        """True when the metric is a cost known before evaluation (params, flops, KV bytes)."""
+        return self.metric in COST_METRICS
+
+    def threshold(self, dense_metrics: Mapping[str, float] | None = None) -> float:
+        """The bound in the metric's units; relative bounds need the dense model's metrics."""
+        if not self.relative_to_dense:
+            return self.value
+        if dense_metrics is None or self.metric not in dense_metrics:
+            raise ValueError(f"constraint '{self}' needs the dense model's {self.metric}")
+        return self.value * float(dense_metrics[self.metric])
+
+    def satisfied(
+        self, metrics: Mapping[str, float], dense_metrics: Mapping[str, float] | None = None
+    ) -> bool:
+        """Whether a sub-network's metrics meet the bound; a NaN metric never does."""
+        if self.metric not in metrics:
+            raise ValueError(
+                f"constraint '{self}' needs the metric {self.metric}, which is missing"
+            )
+        value = float(metrics[self.metric])
+        return not math.isnan(value) and _OPERATORS[self.op](value, self.threshold(dense_metrics))
+
+
+def _field_error(path: str, reason: str) -> PydanticCustomError:
+    """A validation error at `path` below the model that raises it."""
+    return PydanticCustomError("spec_field", "{path}: {reason}", {"path": path, "reason": reason})
+
+
+def _check_constraint(text: str) -> str:
+    Constraint.parse(text)
+    return text
+
+
+def _check_gpus(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(f"must be a non-negative integer or 'auto', got {value!r}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SearchSpaceSpec(_Section):
+    """The preset and its bounds (see `prunetune.search_spaces.spaces`)."""
+
+    preset: Literal["layers", "uniform", "per_layer"] = "uniform"
+    min_layers: int | None = Field(None, ge=1)
+    min_ratio: float = Field(0.25, gt=0, le=1)
+    neuron_step: int | None = Field(None, ge=1)
+    embed_step: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds_fit_preset(self) -> "SearchSpaceSpec":
+        accepted = preset_bounds(self.preset)
+        for name in sorted(self.model_fields_set - {"preset"}):
+            if name not in accepted:
+                raise _field_error(
+                    name, f"the {self.preset!r} preset has no bound {name}; it takes "
+                    f"{', '.join(b for b in accepted if b in type(self).model_fields)}"
+                )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_preset_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave out the bounds the preset does not take, so a dump loads back."""
+        accepted = preset_bounds(self.preset)
+        return {k: v for k, v in handler(self).items() if k == "preset" or k in accepted}
+
+    def bounds(self) -> dict[str, Any]:
+        """Keyword bounds for `make_space`: the preset's, unset ones left to its defaults."""
+        accepted = preset_bounds(self.preset)
+        return {
+            name: value for name, value in self.model_dump(exclude={"preset"}).items()
+            if name in accepted and value is not None
+        }
+
+
+class AlgorithmSpec(_Section):
+    """Which search algorithm proposes sub-networks, and how many."""
+
+    name: Literal["random", "nsga2", "local"] = "random"
+    num_samples: int = Field(40, ge=1)
+    seed: int = 0
+    population_size: int = Field(16, ge=2)
+    warm_start: list[str] = []
+
+
+class LatencySpec(_Section):
+    """Measured prefill and decode latency on the evaluator's device."""
+
+    enabled: bool = False
+    prompt_tokens: int = Field(128, ge=1)
+    decode_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(1, ge=1)
+    repeats: int = Field(5, ge=1)
+    warmup: int = Field(2, ge=0)
+
+
+class EvaluationSpec(_Section):
+    """How one sub-network is measured, and the calibration data of importance scores."""
+
+    data: str = Field("wikitext2", min_length=1)
+    calibration: str = Field("wikitext2:valid", min_length=1)
+    calibration_samples: int = Field(8, ge=1)
+    seq_len: int = Field(256, gt=0)
+    windows: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
+    tasks: list[str] = []
+    task_limit: int | None = Field(100, ge=1)
+    mode: Literal["extracted", "masked"] = "extracted"
+    importance: Literal["activation", "magnitude", "none"] = "activation"
+    latency: LatencySpec = LatencySpec()
+
+    def missing_producer(self, metric: str) -> str | None:
+        """Why these settings do not produce `metric`, or None when they do."""
+        if metric in ALWAYS_PRODUCED:
+            return None
+        if metric in LATENCY_METRICS:
+            return None if self.latency.enabled else "needs evaluation.latency.enabled: true"
+        if metric == "acc_avg":
+            return None if self.tasks else "needs at least one task in evaluation.tasks"
+        task = _task_of(metric)
+        if task is None:
+            return f"unknown metric; known metrics are {', '.join(KNOWN_METRICS)}"
+        if task not in self.tasks:
+            return f"needs task {task!r} in evaluation.tasks (now {self.tasks})"
+        return None
+
+
+def _task_of(metric: str) -> str | None:
+    for prefix in ("acc_norm_", "acc_"):
+        if metric.startswith(prefix) and len(metric) > len(prefix):
+            return metric[len(prefix):]
+    return None
+
+
+class ResourcesSpec(_Section):
+    """Evaluator groups: how many, and what one group holds.
+
+    An evaluator group holds one copy of the model. One GPU per group needs no sharding;
+    several GPUs per group need DeepSpeed sharding: `autotp` (tensor parallel, 2 or more
+    GPUs) or `zero3` (1 or more GPUs, optionally offloading weights to CPU or NVMe).
+    `gpus_per_evaluator: auto` lets the planner size groups from the model and GPU memory.
+    """
+
+    evaluators: int = Field(1, ge=1)
+    gpus_per_evaluator: Annotated[int | Literal["auto"], PlainValidator(_check_gpus)] = 0
+    cpus_per_evaluator: float = Field(1.0, gt=0)
+    sharding: Literal["none", "zero3", "autotp"] = "none"
+    offload: Literal["none", "cpu", "nvme"] = "none"
+
+    @model_validator(mode="after")
+    def _sharding_fits_gpus(self) -> "ResourcesSpec":
+        gpus = self.gpus_per_evaluator
+        if self.offload != "none" and self.sharding != "zero3":
+            raise _field_error("offload", f"{self.offload} needs sharding: zero3")
+        least = {"autotp": 2, "zero3": 1}.get(self.sharding)
+        if least is not None and gpus != "auto" and gpus < least:
+            raise _field_error(
+                "sharding",
+                f"{self.sharding} needs gpus_per_evaluator >= {least} or auto, got {gpus}",
+            )
+        if self.sharding == "none" and gpus != "auto" and gpus > 1:
+            raise _field_error(
+                "gpus_per_evaluator",
+                f"{gpus} GPUs per evaluator need sharding: zero3 or autotp (or one GPU each)",
+            )
+        return self
+
+
+class Spec(_Section):
+    """A whole search. `load_spec` reads one from YAML; `to_yaml` writes it back."""
+
+    name: str = Field("search", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: str = Field("smollm2", min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    run_dir: str | None = None
+    search_space: SearchSpaceSpec = SearchSpaceSpec()
+    objectives: dict[str, Literal["min", "max"]] = Field(
+        default_factory=lambda: {"perplexity": "min", "params": "min"}, min_length=2
+    )
+    constraints: list[Annotated[str, AfterValidator(_check_constraint)]] = []
+    algorithm: AlgorithmSpec = AlgorithmSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    address: str | None = None
+    ship_code: bool = False
+    max_failures: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _metrics_are_produced(self) -> "Spec":
+        for metric in self.objectives:
+            reason = self.evaluation.missing_producer(metric)
+            if reason:
+                raise _field_error(f"objectives.{metric}", reason)
+        for i, constraint in enumerate(self.parsed_constraints()):
+            reason = self.evaluation.missing_producer(constraint.metric)
+            if reason:
+                raise _field_error(f"constraints[{i}]", f"{constraint.metric} {reason}")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding_needs_masks(self) -> "Spec":
+        if self.resources.sharding != "none" and self.evaluation.mode != "masked":
+            raise _field_error(
+                "evaluation.mode",
+                f"sharding: {self.resources.sharding} evaluates sub-networks as masks; "
+                "set evaluation.mode: masked",
+            )
+        return self
+
+    def parsed_constraints(self) -> list[Constraint]:
+        return [Constraint.parse(text) for text in self.constraints]
+
+    def metrics_needed(self) -> list[str]:
+        """Every metric an objective or constraint names, in order, once each."""
+        names = [*self.objectives, *(c.metric for c in self.parsed_constraints())]
+        return list(dict.fromkeys(names))
+
+    def with_run_dir(self, now: datetime | None = None) -> "Spec":
+        """This spec with `run_dir` set: unchanged if given, else runs/<name>-<UTC time>."""
+        if self.run_dir is not None:
+            return self
+        stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+        return self.model_copy(update={"run_dir": f"runs/{self.name}-{stamp:%Y%m%dT%H%M%SZ}"})
+
+    def to_yaml(self) -> str:
+        """YAML that `load_spec` reads back to an equal spec."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class SpecError(ValueError):
+    """An invalid spec; one line per problem: `<source>: <field path>: <message>`."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = (f"{source}: {path or '(top level)'}: {msg}" for path, msg in problems)
+        super().__init__("\n".join(lines))
+
+
+def _join_path(loc: tuple[Any, ...], suffix: str = "") -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    if suffix:
+        path += suffix if suffix.startswith("[") or not path else f".{suffix}"
+    return path
+
+
+def _problems(error: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for item in error.errors():
+        ctx = item.get("ctx") or {}
+        if item["type"] == "spec_field":
+            problems.append((_join_path(item["loc"], ctx["path"]), ctx["reason"]))
+        elif item["type"] == "value_error":
+            problems.append((_join_path(item["loc"]), str(ctx["error"])))
+        else:
+            problems.append((_join_path(item["loc"]), item["msg"]))
+    return problems
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), [("", f"cannot read the spec file: {exc.strerror}")]) from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), [("", f"not valid YAML: {exc}")]) from exc
+
+
+def load_spec(source: str | Path | Mapping[str, Any]) -> Spec:
+    """A validated spec from a YAML file path or a mapping; an empty file gives the defaults."""
+    if isinstance(source, Mapping):
+        name, data = "<spec>", dict(source)
+    else:
+        name, data = str(source), _read_yaml(Path(source))
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        got = type(data).__name__
+        raise SpecError(name, [("", f"expected a mapping of spec fields, got {got}")])
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(name, _problems(exc)) from None
+
+
+def default_spec() -> Spec:
+    """The spec of an empty YAML file: a random search over SmolLM2 on CPU."""
+    return Spec()

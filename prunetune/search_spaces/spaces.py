@@ -1,0 +1,456 @@
+"""Search-space presets: which sub-networks a search may visit, as Ray Tune parameters.
+
+A preset turns a model config into a Tune `param_space` and back: `decode` maps a trial
+config (what a searcher proposes) to a validated `SubnetConfig`, `encode` maps a
+sub-network to the trial config that decodes to it (local search and warm starts start
+from known sub-networks), `sample` draws one sub-network without Tune.
+
+Every Tune parameter has an ordered grid of allowed values (`choices()`); contiguous
+integer ranges become `tune.randint`, other grids `tune.choice` over ascending values, so
+every searcher proposes exactly the values `decode` accepts.
+
+Shared conventions of all presets:
+
+- Depth: a number of kept layers k in [min_layers, num_layers]; the kept layers are the
+  first k of `layer_order` (most important first), in ascending index order. The default
+  order is 0..n-1, which drops the last layers first; pass the block-influence order
+  from `importance.py` to drop the least important layers first.
+- Head unit: with grouped-query attention (num_kv_heads > 1) width pruning removes whole
+  query groups (a key/value head with its query heads), which shrinks the KV cache too;
+  with a single key/value head it removes query heads within that group.
+- Widths are counts: weights are importance-sorted elsewhere, so keeping k means keeping
+  the first k. MLP neurons and embedding channels come in multiples of `neuron_step` and
+  `embed_step` (the dense width is always allowed), which keeps matrix shapes friendly
+  to GPU kernels.
+
+This module imports neither torch nor Ray at import time: `param_space` imports
+`ray.tune` when called.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+import numbers
+import random
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from prunetune.search_spaces.dims import ModelDims
+from prunetune.search_spaces.subnet import SubnetConfig
+
+_PREFERRED_STEP = 64
+_MIN_GRID_POINTS = 8
+_FLOAT_TOLERANCE = 1e-9
+
+Rng = random.Random | np.random.Generator
+
+
+def _dims(model_config: Any) -> ModelDims:
+    if isinstance(model_config, ModelDims):
+        return model_config
+    return ModelDims.from_config(model_config)
+
+
+def default_step(size: int) -> int:
+    """The width step used when none is given: 64, halved until the grid has 8 points.
+
+    SmolLM2's 1536 MLP neurons get steps of 64 (24 widths); a tiny test model's 64
+    neurons get steps of 8, so small models still have a grid worth searching.
+    """
+    step = _PREFERRED_STEP
+    while step > 1 and size < _MIN_GRID_POINTS * step:
+        step //= 2
+    return step
+
+
+def _lowest_kept(full: int, min_ratio: float) -> int:
+    return max(1, math.ceil(min_ratio * full - _FLOAT_TOLERANCE))
+
+
+def width_grid(full: int, step: int, min_ratio: float) -> list[int]:
+    """Allowed widths of one dimension: multiples of `step` from min_ratio*full, plus full."""
+    lowest = _lowest_kept(full, min_ratio)
+    values = [w for w in range(step, full + 1, step) if w >= lowest]
+    if full not in values:
+        values.append(full)
+    return values
+
+
+def scaled_width(ratio: float, full: int, step: int) -> int:
+    """`ratio * full` rounded half up to a multiple of `step`, within [step, full]."""
+    if ratio >= 1.0:
+        return full
+    return min(full, max(step, step * math.floor(ratio * full / step + 0.5)))
+
+
+def ratio_grid(min_ratio: float, ratio_step: float) -> list[float]:
+    """Width ratios from 1.0 down in steps of `ratio_step`, and min_ratio itself."""
+    count = math.floor((1.0 - min_ratio) / ratio_step + _FLOAT_TOLERANCE)
+    values = {round(1.0 - i * ratio_step, 6) for i in range(count + 1)}
+    values.add(round(min_ratio, 6))
+    return sorted(values)
+
+
+def _describe(values: Sequence[Any]) -> str:
+    if len(values) <= 12:
+        return str(list(values))
+    return f"[{values[0]}, {values[1]}, ..., {values[-1]}] ({len(values)} values)"
+
+
+def _picker(rng: Rng) -> Callable[[Sequence[Any]], Any]:
+    if isinstance(rng, random.Random):
+        return lambda values: values[rng.randrange(len(values))]
+    if isinstance(rng, np.random.Generator):
+        return lambda values: values[int(rng.integers(len(values)))]
+    raise TypeError(
+        f"sample: rng must be a random.Random or numpy.random.Generator, got {type(rng).__name__}"
+    )
+
+
+def _domain(values: list[Any]) -> Any:
+    from ray import tune
+
+    ints = all(isinstance(v, int) for v in values)
+    if ints and values == list(range(values[0], values[-1] + 1)):
+        return tune.randint(values[0], values[-1] + 1)
+    return tune.choice(values)
+
+
+class SearchSpace(ABC):
+    """A preset's shared machinery: depth, layer order, and parameter grids.
+
+    Subclasses add their width parameters in `_build_choices` and map parameter values
+    to and from sub-networks in `_subnet` and `_encode_widths`.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        model_config: Any,
+        *,
+        min_layers: int | None = None,
+        layer_order: Sequence[int] | None = None,
+    ) -> None:
+        self.dims = _dims(model_config)
+        n = self.dims.num_layers
+        self.min_layers = self._check_min_layers(min_layers, n)
+        self.layer_order = self._check_layer_order(layer_order, n)
+        self._choices: dict[str, list[Any]] = {
+            "depth": list(range(self.min_layers, n + 1)),
+            **self._build_choices(),
+        }
+
+    def _error(self, message: str) -> ValueError:
+        return ValueError(f"{self.name} space: {message}")
+
+    def _check_min_layers(self, min_layers: int | None, n: int) -> int:
+        """Default: half the layers (rounded up); deeper cuts wreck a pretrained model."""
+        if min_layers is None:
+            return max(1, math.ceil(n / 2))
+        if not 1 <= min_layers <= n:
+            raise self._error(f"min_layers = {min_layers} must be in [1, num_layers = {n}]")
+        return int(min_layers)
+
+    def _check_layer_order(self, order: Sequence[int] | None, n: int) -> tuple[int, ...]:
+        if order is None:
+            return tuple(range(n))
+        order = tuple(int(i) for i in order)
+        if sorted(order) != list(range(n)):
+            raise self._error(
+                f"layer_order must be a permutation of the layer indices 0..{n - 1}, "
+                f"got {list(order)}"
+            )
+        return order
+
+    def _check_ratio(self, bound: str, value: float) -> float:
+        if not 0.0 < value <= 1.0:
+            raise self._error(f"{bound} = {value} must be in (0, 1]")
+        return float(value)
+
+    def _set_width_bounds(
+        self, dims: ModelDims, min_ratio: float, neuron_step: int | None, embed_step: int | None
+    ) -> None:
+        """Check and keep the bounds of the presets that prune widths."""
+        self.min_ratio = self._check_ratio("min_ratio", min_ratio)
+        self.neuron_step = self._check_step(
+            "neuron_step", neuron_step, dims.intermediate_size, "intermediate_size"
+        )
+        self.embed_step = self._check_step(
+            "embed_step", embed_step, dims.hidden_size, "hidden_size"
+        )
+
+    def _check_step(self, bound: str, step: int | None, full: int, dimension: str) -> int:
+        if step is None:
+            return default_step(full)
+        if not 1 <= step <= full:
+            raise self._error(f"{bound} = {step} must be in [1, {dimension} = {full}]")
+        return int(step)
+
+    def _build_choices(self) -> dict[str, list[Any]]:
+        return {}
+
+    @property
+    def _heads_are_groups(self) -> bool:
+        return self.dims.num_kv_heads > 1
+
+    @property
+    def _head_total(self) -> int:
+        return self.dims.num_kv_heads if self._heads_are_groups else self.dims.q_per_kv
+
+    def _head_shape(self, count: int) -> tuple[int, int]:
+        """(kv_heads, q_per_kv) of a layer that keeps `count` head units."""
+        return (count, self.dims.q_per_kv) if self._heads_are_groups else (1, count)
+
+    def _head_count(self, subnet: SubnetConfig, i: int) -> int:
+        """Head units of kept layer i; an error if the other head field is not dense."""
+        kv, q = subnet.kv_heads[i], subnet.q_per_kv[i]
+        count = kv if self._heads_are_groups else q
+        expected = self._head_shape(count)
+        if expected != (kv, q):
+            unit = "kv_heads" if self._heads_are_groups else "q_per_kv"
+            raise self._error(
+                f"cannot encode kv_heads[{i}] = {kv}, q_per_kv[{i}] = {q}: this space "
+                f"prunes {unit} only, so (kv_heads, q_per_kv) would be {expected}"
+            )
+        return count
+
+    def kept_layers(self, depth: int) -> tuple[int, ...]:
+        """The layer indices a depth keeps: the first `depth` of the order, ascending."""
+        return tuple(sorted(self.layer_order[:depth]))
+
+    def choices(self) -> dict[str, list[Any]]:
+        """The ordered allowed values of every Tune parameter (ascending)."""
+        return {name: list(values) for name, values in self._choices.items()}
+
+    def param_space(self) -> dict[str, Any]:
+        """Ray Tune domains, one per parameter, over exactly the values `decode` accepts."""
+        return {name: _domain(values) for name, values in self._choices.items()}
+
+    def sample(self, rng: Rng) -> SubnetConfig:
+        """A sub-network drawn uniformly per parameter, as a random searcher would."""
+        pick = _picker(rng)
+        return self.decode({name: pick(values) for name, values in self._choices.items()})
+
+    def decode(self, trial_config: Mapping[str, Any]) -> SubnetConfig:
+        """The validated sub-network of a trial config; keys of other parameters are ignored."""
+        values = {name: self._read(trial_config, name) for name in self._choices}
+        return self._subnet(values).validate(self.dims)
+
+    def encode(self, subnet: SubnetConfig) -> dict[str, Any]:
+        """The trial config that decodes to `subnet`; an error if this space cannot reach it."""
+        subnet.validate(self.dims)
+        depth = subnet.num_layers
+        if depth not in self._choices["depth"] or self.kept_layers(depth) != subnet.layers:
+            raise self._error(
+                f"cannot encode layers {list(subnet.layers)}: this space keeps the first k "
+                f"of layer_order {list(self.layer_order)} for k in "
+                f"[{self.min_layers}, {self.dims.num_layers}]"
+            )
+        return {"depth": depth, **self._encode_widths(subnet)}
+
+    def _read(self, trial_config: Mapping[str, Any], name: str) -> Any:
+        if name not in trial_config:
+            raise self._error(
+                f"trial config has no {name!r}; expected parameters {list(self._choices)}"
+            )
+        value = trial_config[name]
+        allowed = self._choices[name]
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            for candidate in allowed:
+                if abs(float(value) - candidate) <= _FLOAT_TOLERANCE:
+                    return candidate
+        raise self._error(
+            f"{name} = {value!r} is not one of the allowed values {_describe(allowed)}"
+        )
+
+    def _grid_value(self, name: str, value: int, field: str) -> int:
+        if value not in self._choices[name]:
+            raise self._error(
+                f"cannot encode {field} = {value}: allowed values are "
+                f"{_describe(self._choices[name])}"
+            )
+        return value
+
+    @abstractmethod
+    def _subnet(self, values: dict[str, Any]) -> SubnetConfig:
+        """The sub-network of validated parameter values (not yet checked against the model)."""
+
+    @abstractmethod
+    def _encode_widths(self, subnet: SubnetConfig) -> dict[str, Any]:
+        """The width parameters of a sub-network whose layers this space can reach."""
+
+
+class LayersSpace(SearchSpace):
+    """Depth only: the number of kept layers; every kept layer stays dense.
+
+    Parameter: `depth`.
+    """
+
+    name = "layers"
+
+    def _subnet(self, values: dict[str, Any]) -> SubnetConfig:
+        layers = self.kept_layers(values["depth"])
+        dense = SubnetConfig.dense(self.dims)
+        k = len(layers)
+        return SubnetConfig(
+            layers, dense.kv_heads[:k], dense.q_per_kv[:k], dense.mlp[:k], dense.embed
+        )
+
+    def _encode_widths(self, subnet: SubnetConfig) -> dict[str, Any]:
+        if subnet != self._subnet({"depth": subnet.num_layers}):
+            raise self._error(
+                "cannot encode a sub-network with pruned widths: this space keeps widths dense"
+            )
+        return {}
+
+
+class UniformSpace(SearchSpace):
+    """Depth plus one width ratio r shared by heads, MLP neurons and embedding channels.
+
+    Parameters: `depth`, `ratio` (from min_ratio to 1.0 in steps of ratio_step). Each
+    width is r * full rounded half up: head units to a whole count (at least 1), neurons
+    and channels to a multiple of neuron_step / embed_step; r = 1.0 is the dense width.
+    """
+
+    name = "uniform"
+
+    def __init__(
+        self,
+        model_config: Any,
+        *,
+        min_layers: int | None = None,
+        layer_order: Sequence[int] | None = None,
+        min_ratio: float = 0.25,
+        ratio_step: float = 0.05,
+        neuron_step: int | None = None,
+        embed_step: int | None = None,
+    ) -> None:
+        dims = _dims(model_config)
+        self._set_width_bounds(dims, min_ratio, neuron_step, embed_step)
+        self.ratio_step = self._check_ratio("ratio_step", ratio_step)
+        super().__init__(dims, min_layers=min_layers, layer_order=layer_order)
+
+    def _build_choices(self) -> dict[str, list[Any]]:
+        return {"ratio": ratio_grid(self.min_ratio, self.ratio_step)}
+
+    def _widths(self, ratio: float) -> tuple[int, int, int]:
+        """(head units, neurons, embedding channels) of one ratio."""
+        return (
+            scaled_width(ratio, self._head_total, 1),
+            scaled_width(ratio, self.dims.intermediate_size, self.neuron_step),
+            scaled_width(ratio, self.dims.hidden_size, self.embed_step),
+        )
+
+    def _subnet(self, values: dict[str, Any]) -> SubnetConfig:
+        layers = self.kept_layers(values["depth"])
+        heads, mlp, embed = self._widths(values["ratio"])
+        kv, q = self._head_shape(heads)
+        k = len(layers)
+        return SubnetConfig(layers, (kv,) * k, (q,) * k, (mlp,) * k, embed)
+
+    def _encode_widths(self, subnet: SubnetConfig) -> dict[str, Any]:
+        for ratio in self._choices["ratio"]:
+            if self._subnet({"depth": subnet.num_layers, "ratio": ratio}) == subnet:
+                return {"ratio": ratio}
+        raise self._error(
+            "cannot encode this sub-network: its widths are not those of one ratio in "
+            f"{_describe(self._choices['ratio'])} applied to every kept layer"
+        )
+
+
+class PerLayerSpace(SearchSpace):
+    """Depth, one embedding width, and independent head and neuron counts per layer.
+
+    Parameters: `depth`, `embed`, and for every layer index i of the model `heads_i` and
+    `mlp_i`; decode reads the entries of the kept layers only (encode sets the others to
+    the dense width).
+    """
+
+    name = "per_layer"
+
+    def __init__(
+        self,
+        model_config: Any,
+        *,
+        min_layers: int | None = None,
+        layer_order: Sequence[int] | None = None,
+        min_ratio: float = 0.25,
+        neuron_step: int | None = None,
+        embed_step: int | None = None,
+    ) -> None:
+        dims = _dims(model_config)
+        self._set_width_bounds(dims, min_ratio, neuron_step, embed_step)
+        super().__init__(dims, min_layers=min_layers, layer_order=layer_order)
+
+    def _build_choices(self) -> dict[str, list[Any]]:
+        d = self.dims
+        heads = list(range(_lowest_kept(self._head_total, self.min_ratio), self._head_total + 1))
+        mlp = width_grid(d.intermediate_size, self.neuron_step, self.min_ratio)
+        choices: dict[str, list[Any]] = {
+            "embed": width_grid(d.hidden_size, self.embed_step, self.min_ratio)
+        }
+        for i in range(d.num_layers):
+            choices[f"heads_{i}"] = heads
+            choices[f"mlp_{i}"] = mlp
+        return choices
+
+    def _subnet(self, values: dict[str, Any]) -> SubnetConfig:
+        layers = self.kept_layers(values["depth"])
+        shapes = [self._head_shape(values[f"heads_{i}"]) for i in layers]
+        return SubnetConfig(
+            layers,
+            tuple(kv for kv, _ in shapes),
+            tuple(q for _, q in shapes),
+            tuple(values[f"mlp_{i}"] for i in layers),
+            values["embed"],
+        )
+
+    def _encode_widths(self, subnet: SubnetConfig) -> dict[str, Any]:
+        encoded: dict[str, Any] = {"embed": self._grid_value("embed", subnet.embed, "embed")}
+        for i in range(self.dims.num_layers):
+            encoded[f"heads_{i}"] = self._head_total
+            encoded[f"mlp_{i}"] = self.dims.intermediate_size
+        field = "kv_heads" if self._heads_are_groups else "q_per_kv"
+        for i, layer in enumerate(subnet.layers):
+            heads = self._head_count(subnet, i)
+            encoded[f"heads_{layer}"] = self._grid_value(f"heads_{layer}", heads, f"{field}[{i}]")
+            encoded[f"mlp_{layer}"] = self._grid_value(f"mlp_{layer}", subnet.mlp[i], f"mlp[{i}]")
+        return encoded
+
+
+SPACES: dict[str, type[SearchSpace]] = {
+    LayersSpace.name: LayersSpace,
+    UniformSpace.name: UniformSpace,
+    PerLayerSpace.name: PerLayerSpace,
+}
+
+
+def _preset(name: str) -> type[SearchSpace]:
+    if name not in SPACES:
+        raise ValueError(
+            f"unknown search-space preset {name!r}; known presets: {', '.join(sorted(SPACES))}"
+        )
+    return SPACES[name]
+
+
+def preset_bounds(name: str) -> tuple[str, ...]:
+    """The bounds (keyword arguments) a preset accepts."""
+    parameters = inspect.signature(_preset(name).__init__).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def make_space(name: str, model_config: Any, **bounds: Any) -> SearchSpace:
+    """The preset `name` over `model_config`; bounds set to None take their defaults."""
+    cls = _preset(name)
+    accepted = preset_bounds(name)
+    unknown = sorted(set(bounds) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"{name} space: unknown bound(s) {', '.join(unknown)}; "
+            f"it accepts {', '.join(accepted)}"
+        )
+    return cls(model_config, **{k: v for k, v in bounds.items() if v is not None})

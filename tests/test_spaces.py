@@ -1,0 +1,258 @@
+"""Search-space presets: valid samples, decode/encode round trips, Tune domains, bounds."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prunetune.search_spaces.dims import ModelDims
+from prunetune.search_spaces.spaces import (
+    SPACES,
+    default_step,
+    make_space,
+    preset_bounds,
+    ratio_grid,
+    width_grid,
+)
+from prunetune.search_spaces.subnet import SubnetConfig
+
+
+def _config(**overrides):
+    fields = dict(
+        model_type="llama", vocab_size=96, hidden_size=48, intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+    )
+    fields.update(overrides)
+    return fields
+
+
+GQA = _config()
+MQA = _config(num_key_value_heads=1)
+MHA = _config(num_key_value_heads=6, model_type="qwen2")
+SMOLLM2 = _config(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+)
+CONFIGS = {"gqa": GQA, "mqa": MQA, "mha": MHA}
+PRESETS = sorted(SPACES)
+
+
+def _cases():
+    return [(p, c) for p in PRESETS for c in CONFIGS]
+
+
+@pytest.mark.parametrize("preset,config_name", _cases())
+def test_random_samples_are_valid_and_round_trip(preset, config_name):
+    config = CONFIGS[config_name]
+    dims = ModelDims.from_config(config)
+    space = make_space(preset, config, min_layers=2)
+    seen = set()
+    for rng in (random.Random(0), np.random.default_rng(0)):
+        for _ in range(100):
+            subnet = space.sample(rng)
+            assert subnet.validate(dims) is subnet
+            assert 2 <= subnet.num_layers <= dims.num_layers
+            assert space.decode(space.encode(subnet)) == subnet
+            seen.add(subnet)
+    assert len(seen) > 1
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_dense_is_reachable(preset):
+    space = make_space(preset, GQA)
+    dense = SubnetConfig.dense(GQA)
+    encoded = space.encode(dense)
+    assert encoded["depth"] == 4
+    assert space.decode(encoded) == dense
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_every_grid_point_decodes(preset, data):
+    space = make_space(preset, GQA, min_layers=1)
+    trial = {name: data.draw(st.sampled_from(values), label=name)
+             for name, values in space.choices().items()}
+    subnet = space.decode(trial)
+    assert subnet.validate(ModelDims.from_config(GQA)) is subnet
+    assert space.decode(space.encode(subnet)) == subnet
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_tune_domains_cover_exactly_the_grid(preset):
+    from ray.tune.search.sample import Categorical, Integer
+
+    space = make_space(preset, SMOLLM2)
+    choices = space.choices()
+    domains = space.param_space()
+    assert list(domains) == list(choices)
+    for name, domain in domains.items():
+        if isinstance(domain, Integer):
+            assert list(range(domain.lower, domain.upper)) == choices[name]
+        else:
+            assert isinstance(domain, Categorical)
+            assert domain.categories == choices[name]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_tune_samples_decode_and_are_seed_deterministic(preset):
+    space = make_space(preset, SMOLLM2)
+    domains = space.param_space()
+
+    def draw(seed):
+        rng = np.random.default_rng(seed)
+        return [space.decode({k: d.sample(random_state=rng) for k, d in domains.items()})
+                for _ in range(20)]
+
+    first = draw(7)
+    assert first == draw(7)
+    assert all(s.validate(ModelDims.from_config(SMOLLM2)) for s in first)
+
+
+def test_decode_accepts_numpy_scalars_and_integral_floats():
+    space = make_space("per_layer", GQA, min_layers=1)
+    plain = {"depth": 2, "embed": 24, "heads_0": 1, "mlp_0": 32, "heads_1": 2, "mlp_1": 64,
+             "heads_2": 2, "mlp_2": 64, "heads_3": 2, "mlp_3": 64}
+    numpy_typed = {k: np.int64(v) for k, v in plain.items()}
+    numpy_typed["mlp_0"] = np.float64(32.0)
+    numpy_typed["embed"] = 24.0
+    assert space.decode(numpy_typed) == space.decode(plain)
+    assert type(space.decode(numpy_typed).embed) is int
+    uniform = make_space("uniform", GQA)
+    assert uniform.decode({"depth": np.int32(3), "ratio": np.float64(0.5)}) == uniform.decode(
+        {"depth": 3, "ratio": 0.5}
+    )
+
+
+def test_layers_keeps_widths_dense_and_follows_layer_order():
+    space = make_space("layers", GQA, min_layers=1, layer_order=[3, 0, 2, 1])
+    subnet = space.decode({"depth": 2})
+    assert subnet == SubnetConfig((0, 3), (2, 2), (3, 3), (64, 64), 48)
+    assert space.choices() == {"depth": [1, 2, 3, 4]}
+    with pytest.raises(ValueError, match="layer_order"):
+        space.encode(SubnetConfig((0, 1), (2, 2), (3, 3), (64, 64), 48))
+    with pytest.raises(ValueError, match="widths dense"):
+        space.encode(SubnetConfig((0, 3), (2, 2), (3, 3), (32, 64), 48))
+
+
+def test_default_order_drops_the_last_layers_and_min_layers_defaults_to_half():
+    space = make_space("layers", SMOLLM2)
+    assert space.min_layers == 15
+    assert space.decode({"depth": 16}).layers == tuple(range(16))
+
+
+def test_uniform_widths_on_smollm2():
+    space = make_space("uniform", SMOLLM2)
+    assert (space.neuron_step, space.embed_step) == (64, 64)
+    half = space.decode({"depth": 20, "ratio": 0.5})
+    # 3 query groups * 0.5 rounds half up to 2; 768 neurons; 288 channels round to 320.
+    assert half == SubnetConfig(tuple(range(20)), (2,) * 20, (3,) * 20, (768,) * 20, 320)
+    assert space.encode(half) == {"depth": 20, "ratio": 0.5}
+
+
+def test_uniform_prunes_query_heads_with_a_single_kv_head():
+    space = make_space("uniform", MQA)
+    subnet = space.decode({"depth": 4, "ratio": 0.5})
+    assert subnet.kv_heads == (1,) * 4 and subnet.q_per_kv == (3,) * 4
+    with pytest.raises(ValueError, match="uniform space: cannot encode"):
+        space.encode(SubnetConfig(subnet.layers, subnet.kv_heads, (3, 3, 3, 2), subnet.mlp, subnet.embed))
+
+
+def test_per_layer_reads_only_the_kept_layers():
+    space = make_space("per_layer", GQA, min_layers=1, layer_order=[1, 3, 0, 2])
+    trial = {name: values[0] for name, values in space.choices().items()}
+    trial.update(depth=2, heads_1=2, mlp_1=40, heads_3=1, mlp_3=64)
+    subnet = space.decode(trial)
+    assert subnet == SubnetConfig((1, 3), (2, 1), (3, 3), (40, 64), trial["embed"])
+    assert space.decode({**trial, "heads_0": 2, "mlp_2": 64}) == subnet
+    encoded = space.encode(subnet)
+    assert (encoded["heads_0"], encoded["mlp_0"]) == (2, 64)
+
+
+def test_per_layer_rejects_pruned_query_heads_under_gqa():
+    space = make_space("per_layer", GQA)
+    dense = SubnetConfig.dense(GQA)
+    with pytest.raises(ValueError, match=r"q_per_kv\[1\] = 2"):
+        space.encode(SubnetConfig(dense.layers, dense.kv_heads, (3, 2, 3, 3), dense.mlp, dense.embed))
+
+
+def test_bounds_are_respected():
+    space = make_space("per_layer", SMOLLM2, min_layers=25, min_ratio=0.5, neuron_step=128, embed_step=32)
+    rng = random.Random(1)
+    for _ in range(200):
+        s = space.sample(rng)
+        assert s.num_layers >= 25
+        assert all(2 <= kv <= 3 for kv in s.kv_heads)
+        assert all(m >= 768 and (m % 128 == 0 or m == 1536) for m in s.mlp)
+        assert s.embed >= 288 and s.embed % 32 == 0
+    uniform = make_space("uniform", SMOLLM2, min_ratio=0.6, ratio_step=0.2)
+    assert uniform.choices()["ratio"] == [0.6, 0.8, 1.0]
+
+
+def test_grids_and_default_steps():
+    assert [default_step(n) for n in (1536, 576, 64, 48, 5, 1)] == [64, 64, 8, 4, 1, 1]
+    assert width_grid(100, 32, 0.25) == [32, 64, 96, 100]
+    assert width_grid(64, 8, 0.5) == [32, 40, 48, 56, 64]
+    assert ratio_grid(0.3, 0.25) == [0.3, 0.5, 0.75, 1.0]
+
+
+def test_preset_bounds():
+    assert preset_bounds("layers") == ("min_layers", "layer_order")
+    assert "ratio_step" in preset_bounds("uniform") and "ratio_step" not in preset_bounds("per_layer")
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: make_space("disp", GQA),
+         r"unknown search-space preset 'disp'; known presets: layers, per_layer, uniform"),
+        (lambda: make_space("layers", GQA, min_layers=5),
+         r"layers space: min_layers = 5 must be in \[1, num_layers = 4\]"),
+        (lambda: make_space("uniform", GQA, min_ratio=0.0),
+         r"uniform space: min_ratio = 0.0 must be in \(0, 1\]"),
+        (lambda: make_space("per_layer", GQA, neuron_step=65),
+         r"per_layer space: neuron_step = 65 must be in \[1, intermediate_size = 64\]"),
+        (lambda: make_space("uniform", GQA, embed_step=0), r"embed_step = 0"),
+        (lambda: make_space("layers", GQA, neuron_step=8),
+         r"layers space: unknown bound\(s\) neuron_step; it accepts min_layers, layer_order"),
+        (lambda: make_space("layers", GQA, layer_order=[0, 1, 1, 2]),
+         r"layer_order must be a permutation"),
+        (lambda: make_space("uniform", GQA).decode({"depth": 3}), r"trial config has no 'ratio'"),
+        (lambda: make_space("uniform", GQA).decode({"depth": 3, "ratio": 0.33}),
+         r"ratio = 0.33 is not one of the allowed values"),
+        (lambda: make_space("layers", GQA).decode({"depth": 1}),
+         r"depth = 1 is not one of the allowed values \[2, 3, 4\]"),
+        (lambda: make_space("layers", GQA).decode({"depth": True}), r"depth = True"),
+        (lambda: make_space("layers", GQA).sample(7),
+         r"rng must be a random.Random or numpy.random.Generator"),
+    ],
+)
+def test_errors_name_the_problem(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_spaces_accept_a_hugging_face_config():
+    from prunetune.evaluators.model import tiny_config
+
+    for model_type in ("llama", "mistral", "qwen2"):
+        config = tiny_config(model_type)
+        for preset in PRESETS:
+            space = make_space(preset, config)
+            subnet = space.sample(random.Random(3))
+            assert space.decode(space.encode(subnet)) == subnet
+
+
+def test_module_imports_neither_torch_nor_ray():
+    code = (
+        "import sys, prunetune.search_spaces.spaces; "
+        "bad = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
