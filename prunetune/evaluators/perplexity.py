@@ -1,0 +1,91 @@
+"""Perplexity of a causal language model on fixed windows of a corpus.
+
+A search scores thousands of sub-networks on the same windows, so the corpus is
+tokenized once into a tensor of windows, and scoring keeps memory flat: the decoder
+runs on a batch, and the vocabulary projection runs on bounded chunks of its hidden
+states, so float32 logits of a whole batch never exist at once. The loss is taken in
+float32 whatever the model's dtype, as a sum over tokens, so every token weighs the same.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOGIT_CHUNK_ELEMENTS = 2**25
+"""Float32 logits computed at once (128 MiB), which bounds the memory of the loss."""
+
+
+def tokenize_windows(
+    tokenizer: Any, text: str, seq_len: int, max_windows: int | None = None
+) -> torch.LongTensor:
+    """Non-overlapping windows `[n, seq_len]` of the tokenized corpus.
+
+    The corpus is tokenized once, without special tokens, and cut into consecutive
+    windows; the last partial window is dropped, and at most `max_windows` are kept.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 to score a token, got {seq_len}")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False,
+                    verbose=False)["input_ids"]
+    n = len(ids) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(
+            f"the text has {len(ids)} tokens, fewer than one window of {seq_len}"
+        )
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter, where its inputs go."""
+    return next(model.parameters()).device
+
+
+def hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The decoder's final hidden states `[batch, len, hidden]`, before the LM head."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           use_cache=False)
+    return out.last_hidden_state
+
+
+def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probability of each target `[n]` given its hidden state `[n, hidden]`.
+
+    The LM head runs on chunks of rows, so at most `LOGIT_CHUNK_ELEMENTS` float32
+    logits exist at a time.
+    """
+    head = model.get_output_embeddings()
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+    parts = [
+        -F.cross_entropy(head(h).float(), t, reduction="none")
+        for h, t in zip(hidden.split(rows), targets.split(rows))
+    ]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+    """Perplexity of `model` on `windows` `[n, seq_len]`, each token predicted from its window.
+
+    Returns `perplexity`, `nll` (mean negative log-likelihood per token) and `tokens`
+    (tokens scored: `n * (seq_len - 1)`).
+    """
+    if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
+        raise ValueError(f"windows must be [n >= 1, seq_len >= 2], got {tuple(windows.shape)}")
+    device = model_device(model)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.inference_mode():
+        for batch in windows.split(batch_size):
+            ids = batch.to(device, non_blocking=True)
+            hidden = hidden_states(model, ids)[:, :-1].flatten(0, 1)
+            total -= token_logprobs(model, hidden, ids[:, 1:].reshape(-1)).sum(dtype=torch.float64)
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    nll = total.item() / tokens
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens}

@@ -1,0 +1,102 @@
+import os
+
+import pytest
+import torch
+
+from prunetune.evaluators import actor as actor_module
+from prunetune.evaluators.actor import Evaluator, EvaluatorSettings, importance_cache_path, make_actor
+from prunetune.evaluators.latency import LatencySettings
+from prunetune.evaluators.model import random_model, tiny_config
+from prunetune.search_spaces import SubnetConfig
+
+SUBNET = SubnetConfig(layers=(0, 2), kv_heads=(1, 2), q_per_kv=(2, 3), mlp=(20, 64), embed=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local checkpoint."""
+    path = tmp_path_factory.mktemp("tiny")
+    random_model(tiny_config("llama", vocab_size=49152), seed=3).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def settings(tiny_dir, tmp_path, monkeypatch) -> EvaluatorSettings:
+    monkeypatch.setenv("PRUNETUNE_CACHE", str(tmp_path / "cache"))
+    return EvaluatorSettings(model=tiny_dir, seq_len=32, windows=4, batch_size=2,
+                             calibration_samples=4,
+                             latency=LatencySettings(prompt_tokens=8, decode_tokens=2, repeats=2,
+                                                     warmup=1))
+
+
+def test_same_subnet_gives_the_same_numbers_twice(settings) -> None:
+    evaluator = Evaluator(settings)
+    first = evaluator.evaluate(SUBNET, ["perplexity", "params"])
+    second = evaluator.evaluate(SUBNET.to_json(), ["perplexity", "params"])
+    assert first["status"] == "ok" and first["error"] is None
+    assert first["perplexity"] == second["perplexity"] and first["params"] == second["params"]
+    assert first["tokens"] == 4 * 31 and first["load_seconds"] > 0 and first["eval_seconds"] > 0
+    assert evaluator.call_count() == 2
+    dense = evaluator.evaluate(SubnetConfig.dense(evaluator.model.config), ["perplexity"])
+    assert dense["perplexity"] != first["perplexity"] and dense["params"] > first["params"]
+
+
+def test_masked_and_extracted_modes_agree(settings) -> None:
+    extracted = Evaluator(settings).evaluate(SUBNET, ["perplexity"])
+    masked_settings = EvaluatorSettings(**{**settings.__dict__, "mode": "masked"})
+    masked = Evaluator(masked_settings).evaluate(SUBNET, ["perplexity"])
+    assert masked["perplexity"] == pytest.approx(extracted["perplexity"], rel=1e-5)
+
+
+def test_a_bad_subnet_fails_and_the_evaluator_goes_on(settings) -> None:
+    evaluator = Evaluator(settings)
+    bad = evaluator.evaluate(SubnetConfig((0,), (1,), (1,), (1,), 4096), ["perplexity"])
+    assert bad["status"] == "failed" and "embed = 4096" in bad["error"]
+    assert evaluator.evaluate(SUBNET, ["perplexity"])["status"] == "ok"
+
+
+def test_out_of_memory_is_a_failed_result(settings, monkeypatch) -> None:
+    evaluator = Evaluator(settings)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(actor_module, "perplexity", out_of_memory)
+    failed = evaluator.evaluate(SUBNET, ["perplexity"])
+    assert failed["status"] == "failed" and failed["error"].startswith("out of memory")
+    monkeypatch.undo()
+    assert evaluator.evaluate(SUBNET, ["perplexity"])["status"] == "ok"
+
+
+def test_importance_scores_are_computed_once_and_reused(settings) -> None:
+    first = Evaluator(settings)
+    path = importance_cache_path(settings)
+    written = os.path.getmtime(path)
+    second = Evaluator(settings)
+    assert os.path.getmtime(path) == written
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_cost_and_latency_metrics(settings) -> None:
+    evaluator = Evaluator(settings)
+    result = evaluator.evaluate(SUBNET, ["params", "latency_prefill_ms", "latency_decode_ms"])
+    assert result["status"] == "ok"
+    assert result["latency_prefill_min_ms"] <= result["latency_prefill_ms"] <= result["latency_prefill_max_ms"]
+    assert result["latency_decode_ms"] > 0 and result["peak_memory_bytes"] > 0
+    assert "perplexity" not in result
+    assert len(evaluator.latency_cache.results) == 1
+
+
+def test_evaluator_as_a_ray_actor(settings) -> None:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        handle = make_actor(settings, "evaluator-ray", num_cpus=1)
+        result = ray.get(handle.evaluate.remote(SUBNET, ["perplexity"]))
+        local = Evaluator(settings).evaluate(SUBNET, ["perplexity"])
+        assert result["evaluator_id"] == "evaluator-ray"
+        assert result["perplexity"] == pytest.approx(local["perplexity"], rel=1e-6)
+    finally:
+        ray.shutdown()

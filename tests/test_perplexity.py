@@ -1,0 +1,180 @@
+"""Evaluation data lookup and perplexity: exact against a one-window-at-a-time reference."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from prunetune.evaluators import data, perplexity as ppl
+from prunetune.evaluators.data import data_dir, load_text
+from prunetune.evaluators.model import random_model, tiny_config
+from prunetune.evaluators.perplexity import perplexity, tokenize_windows
+
+
+class CharTokenizer:
+    """One token per printable ASCII character, so token counts are known in advance."""
+
+    bos_token_id = 0
+    eos_token_id = 95
+
+    def __call__(self, text: str, add_special_tokens: bool = True, **_: object) -> dict:
+        ids = [ord(c) - 32 if 32 <= ord(c) < 127 else 95 for c in text]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_model(tiny_config("llama"), seed=0)
+
+
+def reference_perplexity(model, windows: torch.Tensor) -> float:
+    with torch.inference_mode():
+        losses = [model(w[None], labels=w[None]).loss.item() for w in windows]
+    return math.exp(sum(losses) / len(losses))
+
+
+def random_windows(n: int, seq_len: int, vocab: int = 96) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 7, 16])
+def test_perplexity_matches_reference_loop(tiny, batch_size):
+    windows = random_windows(7, 33)
+    result = perplexity(tiny, windows, batch_size=batch_size)
+    assert result["perplexity"] == pytest.approx(reference_perplexity(tiny, windows), rel=1e-5)
+    assert result["nll"] == pytest.approx(math.log(result["perplexity"]), rel=1e-12)
+    assert result["tokens"] == 7 * 32
+
+
+def test_perplexity_matches_reference_loop_for_every_family(tiny_model):
+    windows = random_windows(5, 24)
+    result = perplexity(tiny_model, windows, batch_size=2)
+    expected = reference_perplexity(tiny_model, windows)
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_in_small_logit_chunks_is_unchanged(tiny, monkeypatch):
+    windows = random_windows(5, 20)
+    whole = perplexity(tiny, windows, batch_size=5)
+    monkeypatch.setattr(ppl, "LOGIT_CHUNK_ELEMENTS", 96 * 7)
+    chunked = perplexity(tiny, windows, batch_size=5)
+    assert chunked["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+    assert chunked["perplexity"] == pytest.approx(reference_perplexity(tiny, windows), rel=1e-5)
+
+
+def test_perplexity_of_bfloat16_model_is_taken_in_float32():
+    model = random_model(tiny_config("qwen2"), seed=3, dtype=torch.bfloat16)
+    windows = random_windows(2, 16)
+    result = perplexity(model, windows)
+    with torch.inference_mode():
+        logits = model(windows).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    assert result["nll"] == pytest.approx(nll.item(), rel=1e-5)
+
+
+def test_perplexity_rejects_a_bad_window_shape(tiny):
+    with pytest.raises(ValueError, match="windows"):
+        perplexity(tiny, torch.zeros(4, 1, dtype=torch.long))
+
+
+def test_tokenize_windows_cuts_one_tokenization_into_full_windows():
+    text = "".join(chr(32 + i % 90) for i in range(1000))
+    windows = tokenize_windows(CharTokenizer(), text, seq_len=64)
+    assert windows.dtype == torch.long
+    assert windows.shape == (1000 // 64, 64)
+    expected = CharTokenizer()(text, add_special_tokens=False)["input_ids"][: 15 * 64]
+    assert windows.flatten().tolist() == expected
+
+
+def test_tokenize_windows_limits_the_count_and_rejects_short_text():
+    text = "x" * 500
+    assert tokenize_windows(CharTokenizer(), text, 100, max_windows=2).shape == (2, 100)
+    assert tokenize_windows(CharTokenizer(), text, 100, max_windows=50).shape == (5, 100)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        tokenize_windows(CharTokenizer(), text, 501)
+
+
+def test_data_dir_prefers_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNETUNE_DATA", str(tmp_path))
+    assert data_dir() == tmp_path
+    monkeypatch.setenv("PRUNETUNE_DATA", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="PRUNETUNE_DATA"):
+        data_dir()
+
+
+def test_data_dir_walks_up_from_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("PRUNETUNE_DATA", raising=False)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "main" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "main" / "sub")
+    assert data_dir() == tmp_path / "shared" / "data"
+
+
+def test_data_dir_says_how_to_point_at_the_data(tmp_path, monkeypatch):
+    monkeypatch.delenv("PRUNETUNE_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "__file__", str(tmp_path / "pkg" / "data.py"))
+    with pytest.raises(FileNotFoundError, match="set PRUNETUNE_DATA"):
+        data_dir()
+
+
+def test_data_dir_finds_the_shared_data_from_the_package(tmp_path, monkeypatch):
+    monkeypatch.delenv("PRUNETUNE_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert (data_dir() / "wikitext-2" / "test.txt").is_file()
+
+
+def test_load_text_resolves_wikitext2_splits():
+    test = load_text("wikitext2")
+    assert test == load_text("wikitext2:test")
+    assert test.startswith(" \n = Robert <unk> = \n")
+    valid = load_text("wikitext2:valid")
+    assert valid != test and len(valid) > 1_000_000
+
+
+def test_load_text_reads_a_path(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("some text\n", encoding="utf-8")
+    assert load_text(str(path)) == "some text\n"
+
+
+def test_load_text_names_the_options_for_an_unknown_source(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(FileNotFoundError, match="wikitext2:valid.*pip install datasets"):
+        load_text("wikitext/wikitext-2-raw-v1:test")
+
+
+def test_load_text_reads_a_hugging_face_dataset(monkeypatch):
+    calls = []
+
+    class Rows:
+        column_names = ["text"]
+
+        def __getitem__(self, column):
+            return ["first", "second"]
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return Rows()
+
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert load_text("Salesforce/wikitext/wikitext-2-raw-v1:test") == "first\n\nsecond"
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
+
+
+def test_smollm2_perplexity_on_wikitext2_is_finite_and_far_below_chance(smollm2_loaded):
+    model, tokenizer = smollm2_loaded
+    windows = tokenize_windows(tokenizer, load_text("wikitext2"), seq_len=128, max_windows=2)
+    result = perplexity(model, windows, batch_size=2)
+    assert math.isfinite(result["perplexity"])
+    assert 1.0 < result["perplexity"] < 200 < model.config.vocab_size
+    assert result["tokens"] == 2 * 127
+
