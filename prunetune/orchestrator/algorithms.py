@@ -1,0 +1,205 @@
+"""Search algorithms as Ray Tune searchers, and the guard that every search runs behind.
+
+`random` and `nsga2` are Optuna samplers behind Tune's `OptunaSearch`; `local` mutates the
+points of the current front. Every algorithm is wrapped in `GuardedSearcher`, which turns a
+proposal into a trial only when it is new (not in the result log, not running now) and
+meets the constraints that can be checked before evaluation; anything else goes straight
+back to the algorithm (the stored result, or a failure) and the algorithm is asked again.
+So no configuration is evaluated twice — across resumes and across algorithms — and an
+infeasible one is never evaluated.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from ray.tune.search import Searcher
+
+from prunetune.search_spaces.spaces import SearchSpace
+from prunetune.search_spaces.subnet import SubnetConfig
+
+ALGORITHMS = ("random", "nsga2", "local")
+DENSE_TRIAL = "dense"
+MAX_PROPOSALS = 200
+
+
+def _minimised(result: Mapping[str, Any], objectives: Mapping[str, str]) -> np.ndarray | None:
+    values = [result.get(name) for name in objectives]
+    if any(v is None or v != v for v in values):
+        return None
+    return np.array([v if objectives[n] == "min" else -v for n, v in zip(objectives, values)],
+                    dtype=float)
+
+
+class LocalSearch(Searcher):
+    """Mutation of the current front: random points first, then one-step neighbours.
+
+    A neighbour changes one search parameter of a random front point to an adjacent value
+    of its grid. The front is kept from completed results, so the search walks along it.
+    """
+
+    def __init__(self, space: SearchSpace, objectives: Mapping[str, str], seed: int,
+                 initial_random: int) -> None:
+        super().__init__(metric=list(objectives), mode=list(objectives.values()))
+        self.space = space
+        self.objectives = dict(objectives)
+        self.rng = random.Random(seed)
+        self.initial_random = initial_random
+        self.proposed = 0
+        self.points: list[tuple[dict[str, Any], np.ndarray]] = []
+        self.pending: dict[str, dict[str, Any]] = {}
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        self.proposed += 1
+        front = self._front()
+        if self.proposed <= self.initial_random or not front:
+            config = self.space.encode(self.space.sample(self.rng))
+        else:
+            config = self._neighbour(self.rng.choice(front))
+        self.pending[trial_id] = config
+        return config
+
+    def _neighbour(self, config: dict[str, Any]) -> dict[str, Any]:
+        choices = self.space.choices()
+        name = self.rng.choice([n for n, values in choices.items() if len(values) > 1])
+        values = choices[name]
+        i = values.index(config[name])
+        step = self.rng.choice([s for s in (-1, 1) if 0 <= i + s < len(values)])
+        return {**config, name: values[i + step]}
+
+    def _front(self) -> list[dict[str, Any]]:
+        if not self.points:
+            return []
+        F = np.stack([f for _, f in self.points])
+        dominated = ((F[:, None] >= F[None]).all(-1) & (F[:, None] > F[None]).any(-1)).any(1)
+        return [config for (config, _), d in zip(self.points, dominated) if not d]
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        config = self.pending.pop(trial_id, None)
+        values = _minimised(result or {}, self.objectives)
+        if config is not None and values is not None and not error:
+            self.points.append((config, values))
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+def make_algorithm(name: str, space: SearchSpace, objectives: Mapping[str, str], seed: int,
+                   population_size: int) -> Searcher:
+    """The searcher of an algorithm name; its proposals depend only on the seed and results."""
+    if name == "local":
+        return LocalSearch(space, objectives, seed, initial_random=population_size)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if name == "random":
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    elif name == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
+    else:
+        raise ValueError(f"algorithm.name: unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
+    return OptunaSearch(space=OptunaSearch.convert_search_space(space.param_space()),
+                        metric=list(objectives), mode=list(objectives.values()), sampler=sampler)
+
+
+class GuardedSearcher(Searcher):
+    """Only new, feasible configurations become trials.
+
+    The results already in the run's log (read again on every restore, since trials write
+    it themselves) and those completed since are the cache; `feasible(subnet)` is False
+    for a configuration that breaks a constraint checked before evaluation. `initial`
+    configurations (warm starts) are proposed before the algorithm's. The budget counts
+    the log, not Tune's trials: after a hard stop Tune's own state may lag behind the log,
+    and the search must still end with exactly `budget` results.
+    """
+
+    def __init__(self, algorithm: Searcher, space: SearchSpace, objectives: Mapping[str, str],
+                 run_dir: str, feasible: Callable[[SubnetConfig], bool], budget: int,
+                 initial: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(metric=list(objectives), mode=list(objectives.values()))
+        self.algorithm = algorithm
+        self.space = space
+        self.run_dir = run_dir
+        self.feasible = feasible
+        self.budget = budget
+        self.initial = list(initial or [])
+        self.running: dict[str, tuple[str, str | None]] = {}
+        self.asks = 0
+        self.skipped = {"known": 0, "running": 0, "infeasible": 0}
+        self.results = self._logged_results()
+
+    def _logged_results(self) -> dict[str, dict[str, Any]]:
+        from prunetune.orchestrator.results import ResultLog
+
+        rows = ResultLog(self.run_dir).table().to_pylist()
+        return {row["config_hash"]: row for row in rows}
+
+    def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
+        return True
+
+    def spent(self) -> int:
+        """Trials that count against the budget: logged (the dense reference aside) or running."""
+        logged = sum(r.get("trial_id") != DENSE_TRIAL for r in self.results.values())
+        return logged + len(self.running)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.spent() >= self.budget:
+            return Searcher.FINISHED
+        running_hashes = {h for h, _ in self.running.values()}
+        for _ in range(MAX_PROPOSALS):
+            config, inner_id = self._propose()
+            if config is None or config == Searcher.FINISHED:
+                return config
+            subnet = self.space.decode(config)
+            digest = subnet.config_hash()
+            stored = self.results.get(digest)
+            if stored is not None or digest in running_hashes or not self.feasible(subnet):
+                self._refuse(inner_id, stored, digest in running_hashes)
+                continue
+            self.running[trial_id] = (digest, inner_id)
+            return {**config, "subnet": subnet.to_json()}
+        return Searcher.FINISHED
+
+    def _propose(self) -> tuple[dict[str, Any] | None, str | None]:
+        if self.initial:
+            return self.initial.pop(0), None
+        self.asks += 1
+        inner_id = f"ask-{self.asks}"
+        return self.algorithm.suggest(inner_id), inner_id
+
+    def _refuse(self, inner_id: str | None, stored: dict | None, running: bool) -> None:
+        """Tell the algorithm at once what it proposed: the stored result, or a failure."""
+        reason = "known" if stored is not None else "running" if running else "infeasible"
+        self.skipped[reason] += 1
+        if inner_id is not None:
+            self._tell(inner_id, stored)
+
+    def _tell(self, inner_id: str, result: dict | None) -> None:
+        ok = bool(result) and result.get("status") == "ok"
+        self.algorithm.on_trial_complete(inner_id, result=result if ok else None, error=not ok)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        digest, inner_id = self.running.pop(trial_id, (None, None))
+        if digest is not None and result and not error:
+            self.results[digest] = result
+        if inner_id is not None:
+            self._tell(inner_id, None if error else result)
+
+    def save(self, checkpoint_path: str) -> None:
+        state = {k: v for k, v in self.__dict__.items() if k != "results"}
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(state, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+        self.results = self._logged_results()

@@ -1,0 +1,199 @@
+"""The `prunetune` command: search, resume, front, export, plan."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from prunetune.orchestrator.config import Spec, SpecError, default_spec, load_spec
+
+FRONT_COLUMNS = ("config_hash", "num_layers", "q_heads", "mlp", "embed", "params")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prunetune",
+        description="Search the Pareto-optimal pruned sub-networks of a language model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    search = sub.add_parser("search", help="run a search (no SPEC: the small SmolLM2 default)",
+                            description="Run the search a YAML spec describes. Without a spec, "
+                                        "a small search on SmolLM2-135M on CPU.")
+    search.add_argument("spec", nargs="?", help="YAML spec file (default: built-in spec)")
+    search.add_argument("--run-dir", help="where results go (overrides the spec's run_dir)")
+    search.add_argument("--address", help="Ray cluster address (overrides the spec's address)")
+
+    resume = sub.add_parser("resume", help="finish a stopped search",
+                            description="Finish a search that was stopped: nothing evaluated "
+                                        "twice, nothing lost.")
+    resume.add_argument("run_dir")
+
+    front = sub.add_parser("front", help="print (and merge, plot) the front of one or more runs",
+                           description="The Pareto front of one run, or of several merged.")
+    front.add_argument("run_dirs", nargs="+")
+    front.add_argument("--plot", help="write a PNG of the front here")
+    front.add_argument("--merge", help="write the merged front as Parquet here")
+
+    export = sub.add_parser("export", help="write a front point as a Hugging Face checkpoint",
+                            description="Write the sub-network at row N of `prunetune front "
+                                        "RUN_DIR` as safetensors + config.")
+    export.add_argument("run_dir")
+    export.add_argument("--pick", type=int, required=True, help="row of the front table")
+    export.add_argument("--out", required=True, help="output directory")
+
+    plan = sub.add_parser("plan", help="GPUs per evaluator and evaluators per cluster",
+                          description="How many GPUs one evaluator of the spec's model needs, "
+                                      "and how many evaluators a cluster runs.")
+    plan.add_argument("spec", help="YAML spec file, or a model config.json / model directory")
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (SpecError, FileNotFoundError, ValueError) as exc:
+        print(f"prunetune {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _search(args: argparse.Namespace) -> int:
+    from prunetune.evaluators.data import data_dir
+    from prunetune.orchestrator.search import run_search
+
+    spec = load_spec(args.spec) if args.spec else default_spec()
+    overrides = {k: v for k, v in (("run_dir", args.run_dir), ("address", args.address)) if v}
+    spec = load_spec({**spec.model_dump(mode="json"), **overrides}).with_run_dir()
+    if not args.spec:
+        data_dir()
+    outcome = run_search(spec)
+    _print_front(outcome.front, dict(spec.objectives))
+    print(f"\n{outcome.rows} results in {outcome.run_dir}/results/")
+    print(f"front: {outcome.run_dir}/front.parquet  plot: {outcome.run_dir}/front.png")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from prunetune.orchestrator.search import resume_search
+
+    outcome = resume_search(args.run_dir)
+    spec = load_spec(Path(args.run_dir) / "spec.yaml")
+    _print_front(outcome.front, dict(spec.objectives))
+    print(f"\nfront: {outcome.run_dir}/front.parquet")
+    return 0
+
+
+def run_objectives(run_dir: str) -> dict[str, str]:
+    """The objectives of a run, from the spec it saved."""
+    spec_file = Path(run_dir) / "spec.yaml"
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{spec_file}: not a prunetune run directory")
+    return dict(load_spec(spec_file).objectives)
+
+
+def merged_front(run_dirs: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
+    """All rows and the merged front of several runs (which must share objectives)."""
+    from prunetune.orchestrator.pareto import merge_fronts
+    from prunetune.orchestrator.results import ResultLog
+
+    objectives = run_objectives(run_dirs[0])
+    for run_dir in run_dirs[1:]:
+        if run_objectives(run_dir) != objectives:
+            raise ValueError(f"{run_dir}: objectives differ from {run_dirs[0]}'s {objectives}")
+    logs = [ResultLog(run_dir).read() for run_dir in run_dirs]
+    return pd.concat(logs, ignore_index=True), merge_fronts(logs, objectives), objectives
+
+
+def _front(args: argparse.Namespace) -> int:
+    from prunetune.orchestrator.pareto import plot_front, write_front
+
+    rows, front, objectives = merged_front(args.run_dirs)
+    _print_front(front, objectives)
+    if args.merge:
+        write_front(front, args.merge)
+        print(f"merged front: {args.merge}")
+    if args.plot:
+        dense = rows[(rows["trial_id"] == "dense") & (rows["status"] == "ok")].to_dict("records")
+        plot_front(rows, front, objectives, args.plot, dense=dense[0] if dense else None)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _print_front(front: pd.DataFrame, objectives: dict[str, str]) -> None:
+    if front.empty:
+        print("no successful evaluation yet: the front is empty")
+        return
+    columns = list(dict.fromkeys([*objectives, *FRONT_COLUMNS]))
+    shown = front[[c for c in columns if c in front.columns]].reset_index(drop=True)
+    with pd.option_context("display.width", 160, "display.max_columns", 20,
+                           "display.float_format", "{:.4g}".format):
+        print(shown.to_string())
+
+
+def _export(args: argparse.Namespace) -> int:
+    from prunetune.evaluators.actor import Evaluator
+    from prunetune.evaluators.surgery import save_pruned
+    from prunetune.orchestrator.search import evaluator_settings
+    from prunetune.search_spaces.subnet import SubnetConfig
+
+    _, front, _ = merged_front([args.run_dir])
+    if not 0 <= args.pick < len(front):
+        raise ValueError(f"--pick {args.pick}: the front has rows 0..{len(front) - 1}")
+    subnet = SubnetConfig.from_json(front.iloc[args.pick]["config_json"])
+    spec = load_spec(Path(args.run_dir) / "spec.yaml")
+    settings = evaluator_settings(spec)
+    evaluator = Evaluator(type(settings)(**{**settings.__dict__, "device": "cpu", "tasks": ()}))
+    out = save_pruned(evaluator.model, subnet, args.out)
+    evaluator.tokenizer.save_pretrained(out)
+    print(f"wrote {out} ({front.iloc[args.pick]['params']:,} parameters): "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r})" if subnet.is_uniform
+          else f"wrote {out}: per-layer widths, load with prunetune.evaluators.surgery.load_pruned")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from prunetune.cluster.plan import load_config_file, plan_evaluators
+
+    path = Path(args.spec)
+    if path.suffix in (".yaml", ".yml"):
+        spec: Spec = load_spec(path)
+        config = load_config_file(_model_config_path(spec.model))
+        dtype, seq_len = spec.dtype, spec.evaluation.seq_len
+        batch = spec.evaluation.batch_size
+    else:
+        config, dtype, seq_len, batch = load_config_file(path), "bfloat16", 2048, 1
+    plan = plan_evaluators(config, gpu_memory_gib=args.gpu_memory, nodes=args.nodes,
+                           gpus_per_node=args.gpus_per_node, dtype=dtype, seq_len=seq_len,
+                           batch_size=batch)
+    print(plan.describe())
+    return 0
+
+
+def _model_config_path(model: str) -> str:
+    """The config.json of a spec's model, without loading weights."""
+    from prunetune.evaluators.model import resolve_source
+
+    source = Path(resolve_source(model))
+    if source.suffix == ".gguf":
+        raise ValueError(f"model: {model} is a GGUF file; `prunetune plan` needs a config.json "
+                         "(pass the model's config.json instead of the spec)")
+    if source.exists():
+        return str(source)
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(model, "config.json")
+
+
+COMMANDS = {"search": _search, "resume": _resume, "front": _front, "export": _export,
+            "plan": _plan}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The search on a local Ray instance, with a fast stand-in evaluator."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+
+from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.pareto import pareto_front
+from prunetune.orchestrator.results import ResultLog
+from prunetune.orchestrator.search import resume_search, run_search
+from standin import SMOLLM2_CONFIG, StandInEvaluator
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def standin_env(tmp_path, monkeypatch) -> Path:
+    """Workers import the stand-in from tests/; each evaluation is counted in a file."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("PRUNETUNE_STANDIN_CALLS", str(calls))
+    yield calls
+    ray.shutdown()
+
+
+def spec(run_dir: Path, **changes) -> object:
+    base = {"run_dir": str(run_dir), "algorithm": {"num_samples": 10, "seed": 0},
+            "resources": {"evaluators": 2}}
+    for key, value in changes.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return load_spec(base)
+
+
+def evaluated(calls: Path) -> list[str]:
+    return calls.read_text().split() if calls.exists() else []
+
+
+def test_search_logs_every_trial_once_and_writes_the_front(tmp_path, standin_env) -> None:
+    outcome = run_search(spec(tmp_path / "run", constraints=["params <= 0.6 * dense"]),
+                         StandInEvaluator, num_cpus=4)
+    log = ResultLog(outcome.run_dir).read()
+    trials = log[log["trial_id"] != "dense"]
+    assert len(trials) == 10 and trials["config_hash"].is_unique
+    assert (trials["params"] <= 0.6 * 134_515_008).all()
+    assert Counter(evaluated(standin_env)).most_common(1)[0][1] == 1
+    assert len(evaluated(standin_env)) == 11
+    front = pd.read_parquet(tmp_path / "run" / "front.parquet")
+    expected = pareto_front(log, {"perplexity": "min", "params": "min"})
+    assert sorted(front["config_hash"]) == sorted(expected["config_hash"])
+    assert (tmp_path / "run" / "front.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_same_seed_same_configs_other_seed_other_configs(tmp_path, standin_env) -> None:
+    def configs(name: str, seed: int) -> list[str]:
+        outcome = run_search(spec(tmp_path / name, algorithm={"seed": seed, "num_samples": 6}),
+                             StandInEvaluator, num_cpus=4)
+        log = ResultLog(outcome.run_dir).read()
+        return sorted(log.loc[log["trial_id"] != "dense", "config_hash"])
+
+    first = configs("a", seed=7)
+    assert configs("b", seed=7) == first
+    assert configs("c", seed=8) != first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["nsga2", "local"])
+def test_other_algorithms_finish_without_repeats(tmp_path, standin_env, algorithm) -> None:
+    run_search(spec(tmp_path / "run", algorithm={"name": algorithm, "num_samples": 12,
+                                                "population_size": 4},
+                    search_space={"preset": "layers"}),
+               StandInEvaluator, num_cpus=4)
+    log = ResultLog(str(tmp_path / "run")).read()
+    assert log["config_hash"].is_unique
+    # the layers preset of SmolLM2 has 16 configs (15..30 layers), dense included
+    assert len(log) == 13 and len(set(evaluated(standin_env))) == 13
+
+
+@pytest.mark.slow
+def test_a_second_algorithm_on_the_same_run_dir_evaluates_nothing_twice(tmp_path, standin_env) -> None:
+    run_search(spec(tmp_path / "run", algorithm={"name": "random", "num_samples": 6},
+                    search_space={"preset": "layers"}), StandInEvaluator, num_cpus=4)
+    run_search(spec(tmp_path / "run", algorithm={"name": "local", "num_samples": 10,
+                                                "population_size": 2},
+                    search_space={"preset": "layers"}), StandInEvaluator, num_cpus=4)
+    calls = evaluated(standin_env)
+    assert len(calls) == len(set(calls)) == 11
+
+
+DRIVER = """
+import sys
+from standin import StandInEvaluator
+from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.search import run_search, resume_search
+if sys.argv[1] == "search":
+    run_search(load_spec(sys.argv[2]), StandInEvaluator, num_cpus=4)
+else:
+    resume_search(sys.argv[2], StandInEvaluator, num_cpus=4)
+"""
+
+
+def driver(command: str, target: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DRIVER, command, str(target)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_then_resume_loses_and_repeats_nothing(tmp_path, standin_env) -> None:
+    run_dir = tmp_path / "run"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec(run_dir, algorithm={"num_samples": 14}).to_yaml())
+    env = {**os.environ, "PRUNETUNE_STANDIN_SECONDS": "1"}
+    process = driver("search", spec_file, env)
+    log = ResultLog(str(run_dir))
+    deadline = time.time() + 240
+    while len(log.evaluated_hashes()) < 6 and time.time() < deadline:
+        time.sleep(0.5)
+    assert process.poll() is None, "the search ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = len(ResultLog(str(run_dir)).read())
+    assert 6 <= killed_at < 15
+
+    resumed = driver("resume", run_dir, env)
+    assert resumed.wait(timeout=300) == 0
+    rows = ResultLog(str(run_dir)).read()
+    trials = rows[rows["trial_id"] != "dense"]
+    assert len(trials) == 14 and rows["config_hash"].is_unique
+    calls = evaluated(standin_env)
+    assert len(calls) == len(set(calls)) == 15, Counter(calls).most_common(3)
+
+
+def test_resume_names_a_directory_that_is_not_a_run(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a prunetune run directory"):
+        resume_search(str(tmp_path))
+
+
+def test_standin_config_is_smollm2() -> None:
+    assert SMOLLM2_CONFIG["num_hidden_layers"] == 30
