@@ -100,8 +100,21 @@ def test_uniform_subnet_loads_with_plain_from_pretrained(tmp_path, tiny_model) -
     assert (logits(load_pruned(tmp_path / "pruned"), ids) - expected).abs().max() <= 1e-4
 
 
-def test_per_layer_subnet_round_trips_through_load_pruned(tmp_path, tiny_model) -> None:
-    subnet = SubnetConfig((0, 1, 2), (1, 2, 2), (3, 1, 2), (5, 64, 17), 24)
+def test_llama_with_embed_not_a_multiple_of_heads_loads_as_plain_checkpoint(tmp_path) -> None:
+    model = random_model(tiny_config("llama"))
+    subnet = SubnetConfig((0, 1), (1, 1), (3, 3), (30, 30), 31)
+    ids = torch.randint(0, 96, (2, 13))
+    with apply_masks(model, subnet):
+        expected = logits(model, ids)
+    save_pruned(model, subnet, tmp_path / "pruned")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert type(loaded).__name__ == "MistralForCausalLM"
+    assert (logits(loaded, ids) - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("embed", [24, 31])
+def test_per_layer_subnet_round_trips_through_load_pruned(tmp_path, tiny_model, embed) -> None:
+    subnet = SubnetConfig((0, 1, 2), (1, 2, 2), (3, 1, 2), (5, 64, 17), embed)
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 13))
     with apply_masks(tiny_model, subnet):
         expected = logits(tiny_model, ids)

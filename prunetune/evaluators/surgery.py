@@ -291,14 +291,45 @@ def random_subnet_model(model_config: Any, subnet: SubnetConfig, dtype: torch.dt
 def save_pruned(model: nn.Module, subnet: SubnetConfig, out_dir: str | Path) -> Path:
     """Write `subnet` of `model` as a safetensors checkpoint with its config.
 
-    A sub-network with the same widths in every layer is a plain HF checkpoint; per-layer
-    widths are recorded in `prunetune_subnet.json` and need `load_pruned`.
+    A sub-network with the same widths in every layer is a plain HF checkpoint (a Llama
+    whose kept embedding width is not a multiple of its heads is written as the equivalent
+    Mistral, since transformers' Llama config refuses that shape); per-layer widths are
+    recorded in `prunetune_subnet.json` and need `load_pruned`.
     """
     out = Path(out_dir)
-    extract(model, subnet).save_pretrained(out)
+    small = extract(model, subnet)
+    if _llama_rejects(small.config):
+        small.config = _as_mistral(small.config)
+    small.save_pretrained(out)
+    if small.config.model_type == "mistral" and model.config.model_type == "llama":
+        small.config.architectures = ["MistralForCausalLM"]
+        small.config.save_pretrained(out)
     record = {"subnet": subnet.to_dict(), "uniform": subnet.is_uniform}
     (out / SUBNET_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _llama_rejects(config: Any) -> bool:
+    """Transformers' Llama config refuses a hidden size that is not a multiple of the head
+    count, even with an explicit head_dim; Mistral's computes the same function and accepts it."""
+    return config.model_type == "llama" and config.hidden_size % config.num_attention_heads != 0
+
+
+def _as_mistral(config: Any) -> Any:
+    """The Mistral config of a bias-free Llama: same modules, names and function."""
+    from transformers import MistralConfig
+
+    if config.attention_bias or config.mlp_bias:
+        raise ValueError(f"embed = {config.hidden_size}: a Llama with biases needs a multiple of "
+                         f"its {config.num_attention_heads} heads to be saved as a plain checkpoint")
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+              "max_position_embeddings", "initializer_range", "rms_norm_eps", "rope_parameters",
+              "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+              "attention_dropout")
+    mistral = MistralConfig(**{f: getattr(config, f) for f in fields}, sliding_window=None)
+    mistral.dtype = config.dtype
+    return mistral
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None,

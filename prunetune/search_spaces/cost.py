@@ -70,12 +70,25 @@ def kv_cache_bytes_per_token(model_config: Any, subnet: SubnetConfig, dtype_byte
     return sum(2 * kv * d.head_dim * dtype_bytes for kv in subnet.kv_heads)
 
 
-def subnet_cost(
-    model_config: Any, subnet: SubnetConfig, seq_len: int = 2048, dtype_bytes: int = 2
-) -> dict[str, int]:
+def peak_memory_bytes(model_config: Any, subnet: SubnetConfig, seq_len: int, batch_size: int = 1,
+                      dtype_bytes: int = 2) -> int:
+    """Memory one evaluation batch needs at its peak: weights, the widest layer's
+    activations, and the logits with their float32 copy for the loss."""
+    d = _dims(model_config)
+    e, tokens = subnet.embed, batch_size * seq_len
+    widest = max(4 * e + kv * (q + 2) * d.head_dim + 3 * m for kv, q, m in _layers(subnet))
+    activations = tokens * widest * dtype_bytes
+    logits = tokens * d.vocab_size * (dtype_bytes + 4)
+    return count_params(d, subnet) * dtype_bytes + activations + logits
+
+
+def subnet_cost(model_config: Any, subnet: SubnetConfig, seq_len: int = 2048, dtype_bytes: int = 2,
+                batch_size: int = 1) -> dict[str, int]:
     """Every cost metric of a sub-network, keyed as the result log names them."""
     return {
         "params": count_params(model_config, subnet),
         "flops": forward_flops(model_config, subnet, seq_len),
         "kv_bytes_per_token": kv_cache_bytes_per_token(model_config, subnet, dtype_bytes),
+        "peak_memory_bytes": peak_memory_bytes(model_config, subnet, seq_len, batch_size,
+                                               dtype_bytes),
     }

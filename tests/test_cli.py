@@ -1,0 +1,85 @@
+"""The `prunetune` command, end to end on a tiny model with the real evaluator."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from prunetune.evaluators.model import random_model, tiny_config
+from prunetune.orchestrator.cli import main
+from prunetune.orchestrator.results import ResultLog
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, smollm2_tokenizer):
+    """A finished search over a tiny random Llama (real evaluator, real data)."""
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "model"
+    random_model(tiny_config("llama", vocab_size=49152, num_hidden_layers=4), seed=5).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    spec = root / "spec.yaml"
+    spec.write_text(f"""
+model: {model_dir}
+run_dir: {root / 'run'}
+search_space: {{preset: uniform, min_ratio: 0.5}}
+algorithm: {{name: random, num_samples: 5, seed: 3}}
+evaluation: {{seq_len: 32, windows: 2, batch_size: 2, calibration_samples: 2}}
+""")
+    try:
+        assert main(["search", str(spec)]) == 0
+    finally:
+        ray.shutdown()
+    return root
+
+
+def test_search_writes_log_front_and_plot(tiny_run, capsys) -> None:
+    rows = ResultLog(str(tiny_run / "run")).read()
+    assert len(rows) == 6 and (rows["status"] == "ok").all()
+    assert rows["perplexity"].notna().all() and rows["config_hash"].is_unique
+    assert (tiny_run / "run" / "front.parquet").exists() and (tiny_run / "run" / "front.png").exists()
+
+
+def test_front_prints_merges_and_plots(tiny_run, tmp_path, capsys) -> None:
+    run = str(tiny_run / "run")
+    assert main(["front", run, run, "--merge", str(tmp_path / "m.parquet"),
+                 "--plot", str(tmp_path / "f.png")]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "params" in out
+    merged = pd.read_parquet(tmp_path / "m.parquet")
+    assert len(merged) == len(pd.read_parquet(tiny_run / "run" / "front.parquet"))
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
+def test_export_writes_a_checkpoint_that_transformers_loads(tiny_run, tmp_path) -> None:
+    front = pd.read_parquet(tiny_run / "run" / "front.parquet")
+    pick = len(front) - 1
+    assert main(["export", str(tiny_run / "run"), "--pick", str(pick), "--out", str(tmp_path / "x")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "x")
+    assert sum(p.numel() for p in model.parameters()) == front.iloc[pick]["params"]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_export_names_a_row_that_does_not_exist(tiny_run, capsys) -> None:
+    assert main(["export", str(tiny_run / "run"), "--pick", "99", "--out", "/tmp/never"]) == 2
+    assert "--pick 99: the front has rows 0.." in capsys.readouterr().err
+
+
+def test_a_bad_spec_fails_before_ray_starts_naming_the_field(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("evaluation: {seq_len: -1}\nalgorithm: {nam: random}\n")
+    assert main(["search", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.seq_len" in err and "algorithm.nam" in err and str(bad) in err
+    assert not ray.is_initialized()
+
+
+def test_every_command_has_help() -> None:
+    for command in ("search", "resume", "front", "export", "plan"):
+        out = subprocess.run([sys.executable, "-m", "prunetune.orchestrator.cli", command, "--help"],
+                             capture_output=True, text=True, check=True).stdout
+        assert out.startswith(f"usage: prunetune {command}")
