@@ -63,7 +63,9 @@ class EvaluatorPool:
     """
 
     def __init__(self, evaluator_class: type, settings: EvaluatorSettings, count: int,
-                 options: dict[str, Any]) -> None:
+                 options: dict[str, Any], run_dir: str) -> None:
+        self.log = ResultLog(run_dir)
+        self.rows = {row["config_hash"]: row for row in self.log.table().to_pylist()}
         self.evaluator_class = evaluator_class
         self.settings = settings
         self.options = options
@@ -96,6 +98,15 @@ class EvaluatorPool:
 
     def replacements(self) -> int:
         return self.replaced
+
+    def lookup(self, config_hash: str) -> dict[str, Any] | None:
+        """The logged row of a config: the cache that makes every evaluation happen once."""
+        return self.rows.get(config_hash)
+
+    def record(self, row: dict[str, Any]) -> None:
+        """Append a finished trial's row to the log (atomically) and to the cache."""
+        self.log.append([row])
+        self.rows.setdefault(row["config_hash"], row)
 
 
 @dataclass
@@ -144,11 +155,10 @@ def _report_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_subnet(context: TrialContext, subnet: SubnetConfig, trial_id: str) -> dict[str, Any]:
     """Evaluate one sub-network on a borrowed evaluator and append its row to the log."""
-    log = ResultLog(context.run_dir)
-    stored = log.lookup(subnet.config_hash())
+    pool = ray.get_actor(context.pool_name, namespace=context.namespace)
+    stored = ray.get(pool.lookup.remote(subnet.config_hash()))
     if stored is not None:
         return stored
-    pool = ray.get_actor(context.pool_name, namespace=context.namespace)
     index, handle = ray.get(pool.acquire.remote())
     started = datetime.now(timezone.utc)
     try:
@@ -162,7 +172,7 @@ def evaluate_subnet(context: TrialContext, subnet: SubnetConfig, trial_id: str) 
     row = make_row(context.run_id, trial_id, subnet, context.model_config, _metric_columns(result),
                    result["status"], result.get("error"), result.get("evaluator_id"), started,
                    finished, context.seq_len)
-    log.append([row])
+    ray.get(pool.record.remote(row))
     return row
 
 
@@ -182,13 +192,15 @@ class FrontCallback(tune.Callback):
         self.budget = budget
         self.dense_hash = dense_hash
         self.since_front = 0
+        self.log: ResultLog | None = None
         self.bar: Any = None
         self.stats = {"failed": 0, "front": 0, "hv": 0.0}
 
     def setup(self, **info: Any) -> None:
         from tqdm import tqdm
 
-        done = max(len(ResultLog(self.run_dir).evaluated_hashes()) - 1, 0)
+        self.log = ResultLog(self.run_dir)
+        done = max(len(self.log.evaluated_hashes()) - 1, 0)
         self.bar = tqdm(total=self.budget, initial=min(done, self.budget), desc="trials",
                         unit="trial", file=sys.stderr, dynamic_ncols=True)
 
@@ -207,7 +219,7 @@ class FrontCallback(tune.Callback):
     def write(self) -> dict[str, Any]:
         """Recompute the front from the log and write it; its size and hypervolume."""
         self.since_front = 0
-        summary = write_front_files(self.run_dir, self.objectives, self.dense_hash)
+        summary = write_front_files(self.run_dir, self.objectives, self.dense_hash, self.log)
         self.stats.update(front=summary["front_size"], hv=summary["hypervolume"])
         return summary
 
@@ -224,9 +236,10 @@ def reference_point(df: Any, objectives: dict[str, str]) -> list[float]:
     return list(worst + 0.1 * (worst - best) + 1e-12)
 
 
-def write_front_files(run_dir: str, objectives: dict[str, str], dense_hash: str | None) -> dict[str, Any]:
+def write_front_files(run_dir: str, objectives: dict[str, str], dense_hash: str | None,
+                      log: ResultLog | None = None) -> dict[str, Any]:
     """front.parquet and front.png of a run, from its result log."""
-    df = ResultLog(run_dir).read()
+    df = (log or ResultLog(run_dir)).read()
     ok = df[df["status"] == "ok"] if len(df) else df
     if len(ok) == 0:
         return {"front_size": 0, "hypervolume": 0.0, "rows": len(df)}
@@ -278,7 +291,8 @@ def start_pool(spec: Spec, run_id: str, evaluator_class: type) -> tuple[Any, str
     """Create the run's evaluators (they load the model now) and wait until they are ready."""
     pool_name = f"prunetune-pool-{run_id}-{os.getpid()}"
     pool = EvaluatorPool.options(name=pool_name, namespace="prunetune").remote(
-        evaluator_class, evaluator_settings(spec), spec.resources.evaluators, _pool_options(spec))
+        evaluator_class, evaluator_settings(spec), spec.resources.evaluators, _pool_options(spec),
+        spec.run_dir if "://" in spec.run_dir else os.path.abspath(spec.run_dir))
     infos = ray.get(pool.infos.remote())
     return pool, pool_name, infos
 
