@@ -40,6 +40,9 @@ RUN_FILE = "run.json"
 TUNE_NAME = "tune"
 FRONT_EVERY = 5
 TRIAL_CPUS = 0.01
+HEAD = {"node:__internal_head__": 0.001}
+"""Trials and the pool live on the head node, beside the driver: losing a worker node
+then loses evaluators only, which the pool replaces, never the bookkeeping of a trial."""
 
 
 def evaluator_settings(spec: Spec) -> EvaluatorSettings:
@@ -55,11 +58,16 @@ def evaluator_settings(spec: Spec) -> EvaluatorSettings:
     )
 
 
+def _node_of(evaluator: Any) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
 @ray.remote(num_cpus=0)
 class EvaluatorPool:
     """Lends the run's evaluators to trials, one trial per evaluator at a time.
 
-    A dead evaluator (its node was lost) is replaced by a new one on any node.
+    Evaluators are spread over the nodes; a dead evaluator (its node was lost) is replaced
+    by a new one on any node that has room.
     """
 
     def __init__(self, evaluator_class: type, settings: EvaluatorSettings, count: int,
@@ -70,22 +78,30 @@ class EvaluatorPool:
         self.settings = settings
         self.options = options
         self.handles = [self._start(i) for i in range(count)]
+        self.nodes = [h.__ray_call__.remote(_node_of) for h in self.handles]
         self.free: asyncio.Queue[int] = asyncio.Queue()
         for i in range(count):
             self.free.put_nowait(i)
         self.replaced = 0
 
     def _start(self, index: int) -> Any:
-        actor = ray.remote(self.evaluator_class).options(max_restarts=0, **self.options)
+        actor = ray.remote(self.evaluator_class).options(max_restarts=0,
+                                                         scheduling_strategy="SPREAD",
+                                                         **self.options)
         return actor.remote(self.settings, f"evaluator-{index}")
 
     async def infos(self) -> list[dict[str, Any]]:
         """Wait until every evaluator has loaded its model; what each one holds."""
         return list(await asyncio.gather(*(h.info.remote() for h in self.handles)))
 
-    async def acquire(self) -> tuple[int, Any]:
+    async def acquire(self) -> tuple[int, Any, str]:
+        """A free evaluator: its index, its handle, and the id of its node (for the log)."""
         index = await self.free.get()
-        return index, self.handles[index]
+        try:
+            node = await self.nodes[index]
+        except ray.exceptions.RayActorError:
+            node = "lost"
+        return index, self.handles[index], node
 
     def release(self, index: int) -> None:
         self.free.put_nowait(index)
@@ -94,6 +110,7 @@ class EvaluatorPool:
         """Start a new evaluator in place of one that died (once per death)."""
         if self.handles[index] == dead:
             self.handles[index] = self._start(index + len(self.handles) * (self.replaced + 1))
+            self.nodes[index] = self.handles[index].__ray_call__.remote(_node_of)
             self.replaced += 1
 
     def replacements(self) -> int:
@@ -159,7 +176,7 @@ def evaluate_subnet(context: TrialContext, subnet: SubnetConfig, trial_id: str) 
     stored = ray.get(pool.lookup.remote(subnet.config_hash()))
     if stored is not None:
         return stored
-    index, handle = ray.get(pool.acquire.remote())
+    index, handle, node = ray.get(pool.acquire.remote())
     started = datetime.now(timezone.utc)
     try:
         result = ray.get(handle.evaluate.remote(subnet.to_json(), context.metrics))
@@ -170,8 +187,8 @@ def evaluate_subnet(context: TrialContext, subnet: SubnetConfig, trial_id: str) 
         pool.release.remote(index)
     finished = datetime.now(timezone.utc)
     row = make_row(context.run_id, trial_id, subnet, context.model_config, _metric_columns(result),
-                   result["status"], result.get("error"), result.get("evaluator_id"), started,
-                   finished, context.seq_len)
+                   result["status"], result.get("error"), f"{result.get('evaluator_id')}@{node[:12]}",
+                   started, finished, context.seq_len)
     ray.get(pool.record.remote(row))
     return row
 
@@ -290,7 +307,7 @@ def _pool_options(spec: Spec) -> dict[str, Any]:
 def start_pool(spec: Spec, run_id: str, evaluator_class: type) -> tuple[Any, str, list[dict[str, Any]]]:
     """Create the run's evaluators (they load the model now) and wait until they are ready."""
     pool_name = f"prunetune-pool-{run_id}-{os.getpid()}"
-    pool = EvaluatorPool.options(name=pool_name, namespace="prunetune").remote(
+    pool = EvaluatorPool.options(name=pool_name, namespace="prunetune", resources=HEAD).remote(
         evaluator_class, evaluator_settings(spec), spec.resources.evaluators, _pool_options(spec),
         spec.run_dir if "://" in spec.run_dir else os.path.abspath(spec.run_dir))
     infos = ray.get(pool.infos.remote())
@@ -331,7 +348,7 @@ def run_search(spec: Spec, evaluator_class: type = Evaluator, resume: bool = Fal
     space = build_space(spec, model_config, layer_order)
     objectives = dict(spec.objectives)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
-                                   {"cpu": TRIAL_CPUS})
+                                   {"cpu": TRIAL_CPUS, **HEAD})
     callback = FrontCallback(run_dir, objectives, spec.algorithm.num_samples, dense["config_hash"])
     tune_path = os.path.join(storage_uri(run_dir), TUNE_NAME)
     if resume and tune.Tuner.can_restore(tune_path):
