@@ -146,3 +146,14 @@ def test_resume_names_a_directory_that_is_not_a_run(tmp_path) -> None:
 
 def test_standin_config_is_smollm2() -> None:
     assert SMOLLM2_CONFIG["num_hidden_layers"] == 30
+
+
+def test_run_dir_may_be_a_uri_for_log_and_tune_storage(tmp_path, standin_env) -> None:
+    uri = f"file://{tmp_path}/remote-run"
+    outcome = run_search(spec(uri, algorithm={"num_samples": 3}),
+                         StandInEvaluator, num_cpus=4)
+    assert outcome.run_dir == uri
+    assert len(ResultLog(uri).read()) == 4
+    assert (tmp_path / "remote-run" / "spec.yaml").is_file()
+    assert (tmp_path / "remote-run" / "front.parquet").is_file()
+    assert (tmp_path / "remote-run" / "tune").is_dir()

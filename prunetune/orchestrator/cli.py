@@ -84,18 +84,16 @@ def _resume(args: argparse.Namespace) -> int:
     from prunetune.orchestrator.search import resume_search
 
     outcome = resume_search(args.run_dir)
-    spec = load_spec(Path(args.run_dir) / "spec.yaml")
-    _print_front(outcome.front, dict(spec.objectives))
+    _print_front(outcome.front, run_objectives(args.run_dir))
     print(f"\nfront: {outcome.run_dir}/front.parquet")
     return 0
 
 
 def run_objectives(run_dir: str) -> dict[str, str]:
     """The objectives of a run, from the spec it saved."""
-    spec_file = Path(run_dir) / "spec.yaml"
-    if not spec_file.is_file():
-        raise FileNotFoundError(f"{spec_file}: not a prunetune run directory")
-    return dict(load_spec(spec_file).objectives)
+    from prunetune.orchestrator.search import run_spec
+
+    return dict(run_spec(run_dir).objectives)
 
 
 def merged_front(run_dirs: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
@@ -140,15 +138,14 @@ def _print_front(front: pd.DataFrame, objectives: dict[str, str]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from prunetune.evaluators.actor import Evaluator
     from prunetune.evaluators.surgery import save_pruned
-    from prunetune.orchestrator.search import evaluator_settings
+    from prunetune.orchestrator.search import evaluator_settings, run_spec
     from prunetune.search_spaces.subnet import SubnetConfig
 
     _, front, _ = merged_front([args.run_dir])
     if not 0 <= args.pick < len(front):
         raise ValueError(f"--pick {args.pick}: the front has rows 0..{len(front) - 1}")
     subnet = SubnetConfig.from_json(front.iloc[args.pick]["config_json"])
-    spec = load_spec(Path(args.run_dir) / "spec.yaml")
-    settings = evaluator_settings(spec)
+    settings = evaluator_settings(run_spec(args.run_dir))
     evaluator = Evaluator(type(settings)(**{**settings.__dict__, "device": "cpu", "tasks": ()}))
     out = save_pruned(evaluator.model, subnet, args.out)
     evaluator.tokenizer.save_pretrained(out)

@@ -104,6 +104,22 @@ def atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         raise
 
 
+def write_run_file(run_dir: str, name: str, text: str) -> None:
+    """Write a small file of a run directory (local path or URI), atomically."""
+    fs, root = open_filesystem(run_dir)
+    atomic_write(fs, posixpath.join(root, name), text.encode())
+
+
+def read_run_file(run_dir: str, name: str) -> str | None:
+    """The text of a run directory's file, or None if it does not exist."""
+    fs, root = open_filesystem(run_dir)
+    path = posixpath.join(root, name)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
     try:
         fs.delete_file(path)

@@ -18,10 +18,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import pyarrow.fs as pafs
 import ray
+import yaml
 from ray import tune
 
 from prunetune.cluster.connect import code_runtime_env, connect, storage_uri
@@ -30,7 +32,9 @@ from prunetune.evaluators.latency import LatencySettings
 from prunetune.orchestrator.algorithms import DENSE_TRIAL, GuardedSearcher, make_algorithm
 from prunetune.orchestrator.config import Constraint, Spec, load_spec
 from prunetune.orchestrator.pareto import hypervolume, objective_matrix, pareto_front, plot_front, write_front
-from prunetune.orchestrator.results import FIXED_COLUMNS, ResultLog, make_row
+from prunetune.orchestrator.results import (
+    FIXED_COLUMNS, ResultLog, make_row, open_filesystem, read_run_file, write_run_file,
+)
 from prunetune.search_spaces.cost import subnet_cost
 from prunetune.search_spaces.spaces import SearchSpace, make_space
 from prunetune.search_spaces.subnet import SubnetConfig
@@ -280,15 +284,21 @@ class SearchOutcome:
 
 
 def _run_record(run_dir: str) -> dict[str, Any]:
-    path = Path(run_dir) / RUN_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    text = read_run_file(run_dir, RUN_FILE)
+    return json.loads(text) if text else {}
 
 
 def _write_run_record(run_dir: str, record: dict[str, Any]) -> None:
-    path = Path(run_dir) / RUN_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    write_run_file(run_dir, RUN_FILE, json.dumps(record, indent=2, sort_keys=True, default=str))
+
+
+def run_spec(run_dir: str) -> Spec:
+    """The spec a run was started with (saved in its run directory)."""
+    text = read_run_file(run_dir, SPEC_FILE)
+    if text is None:
+        raise FileNotFoundError(f"{run_dir}/{SPEC_FILE}: not a prunetune run directory "
+                                f"(no {SPEC_FILE})")
+    return load_spec(yaml.safe_load(text))
 
 
 def local_cpus(spec: Spec) -> int:
@@ -330,8 +340,7 @@ def run_search(spec: Spec, evaluator_class: type = Evaluator, resume: bool = Fal
     """Run (or, with `resume`, finish) the search of a spec; returns its front."""
     spec = spec.with_run_dir()
     run_dir = os.path.abspath(spec.run_dir) if "://" not in spec.run_dir else spec.run_dir
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / SPEC_FILE).write_text(spec.to_yaml())
+    write_run_file(run_dir, SPEC_FILE, spec.to_yaml())
     record = _run_record(run_dir)
     run_id = record.get("run_id") or f"{spec.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
     connect(spec.address, code_runtime_env(spec.ship_code),
@@ -368,10 +377,13 @@ def run_search(spec: Spec, evaluator_class: type = Evaluator, resume: bool = Fal
 
 
 def _read_front(run_dir: str) -> Any:
-    import pandas as pd
+    import pyarrow.parquet as pq
 
-    path = Path(run_dir) / "front.parquet"
-    return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+    fs, root = open_filesystem(run_dir)
+    path = f"{root}/front.parquet"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return pd.DataFrame()
+    return pq.read_table(path, filesystem=fs).to_pandas()
 
 
 def _new_tuner(spec: Spec, space: SearchSpace, objectives: dict[str, str], run_dir: str,
@@ -409,8 +421,4 @@ def warm_start_configs(spec: Spec, space: SearchSpace) -> list[dict[str, Any]]:
 def resume_search(run_dir: str, evaluator_class: type = Evaluator,
                   num_cpus: int | None = None) -> SearchOutcome:
     """Finish a stopped search: same spec, same run id, nothing evaluated twice."""
-    spec_file = Path(run_dir) / SPEC_FILE
-    if not spec_file.is_file():
-        raise FileNotFoundError(f"{spec_file}: not a prunetune run directory (no {SPEC_FILE})")
-    spec = load_spec(spec_file)
-    return run_search(spec, evaluator_class, resume=True, num_cpus=num_cpus)
+    return run_search(run_spec(run_dir), evaluator_class, resume=True, num_cpus=num_cpus)
