@@ -3,10 +3,12 @@
 On CPU (default): the dense SmolLM2-135M's WikiText-2 perplexity at seq_len 512 (and 2048
 with --long), with tokens/s.
 
-On a GPU (--gpu): a Llama-3-8B-shaped model with random bf16 weights, built on the GPU;
-the evaluator's perplexity throughput against a plain Hugging Face forward + loss over the
-same batches, side by side; then measured prefill and decode latency of the dense model
-and of uniform sub-networks with about 75% and 50% of its parameters.
+On a GPU (--gpu): a Llama-3-8B-shaped model with random bf16 weights, built on the GPU by
+the `Evaluator` itself (its model source is the config file); the evaluator's perplexity
+throughput (`Evaluator.evaluate`, dense, then extracted and masked sub-networks) against a
+plain Hugging Face forward + loss over the same windows, side by side; then measured
+prefill and decode latency (batch 1 and 16) of the dense model and of uniform
+sub-networks with about 75% and 50% of its parameters.
 
     python benchmarks/evaluate.py [--long]
     python benchmarks/evaluate.py --gpu [--windows 32] [--batch 4] [--out results.json]
@@ -18,14 +20,13 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from prunetune.evaluators.latency import LatencySettings, subnet_latency
-from prunetune.evaluators.model import random_model
 from prunetune.evaluators.perplexity import perplexity, tokenize_windows
-from prunetune.evaluators.surgery import extract
 from prunetune.search_spaces import SubnetConfig
 from prunetune.search_spaces.cost import count_params
 
@@ -88,53 +89,70 @@ def plain_hf_loss(model, windows: torch.Tensor, batch: int) -> float:
     return total
 
 
-def gpu_benchmark(windows: int, seq_len: int, batch: int, repeats: int) -> dict:
+def evaluator_seconds(evaluator, subnet: SubnetConfig, repeats: int) -> tuple[float, dict]:
+    """Median wall time of `Evaluator.evaluate(subnet, ["perplexity"])`, and one result."""
+    results = [evaluator.evaluate(subnet, ["perplexity"]) for _ in range(repeats)]
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"evaluation failed: {failed[0]['error']}")
+    return statistics.median(r["eval_seconds"] for r in results), results[0]
+
+
+def gpu_throughput(windows: int, seq_len: int, batch: int, repeats: int) -> dict:
+    """The evaluator (dense, and extracted or masked sub-networks) against plain HF."""
+    from prunetune.evaluators.actor import Evaluator, EvaluatorSettings
+
+    settings = EvaluatorSettings(model=str(LLAMA3_8B), dtype="bfloat16", device="cuda",
+                                 seq_len=seq_len, windows=windows, batch_size=batch,
+                                 importance="none")
+    evaluator = Evaluator(settings)
+    model, ids, config = evaluator.model, evaluator.windows, evaluator.model.config
+    tokens = ids.numel()
+    dense = SubnetConfig.dense(config)
+    dense_params = count_params(config, dense)
+    out: dict = {"device": torch.cuda.get_device_name(), "model": "Llama-3-8B shape, random bf16",
+                 "build_seconds": evaluator.load_seconds, "windows": windows,
+                 "seq_len": seq_len, "batch": batch, "repeats": repeats}
+    evaluator.evaluate(dense, ["perplexity"])
+    plain_hf_loss(model, ids[:batch], batch)
+    plain = _median_seconds(lambda: plain_hf_loss(model, ids, batch), repeats)
+    ours, _ = evaluator_seconds(evaluator, dense, repeats)
+    out["dense"] = {"evaluator_tokens_per_s": tokens / ours, "plain_hf_tokens_per_s": tokens / plain,
+                    "evaluator_vs_plain": plain / ours,
+                    "evaluator_tflops": 2 * dense_params * tokens / ours / 1e12,
+                    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    print(json.dumps({"dense": out["dense"]}), flush=True)
+    out["subnets"] = []
+    for mode, fraction in (("extracted", 0.75), ("extracted", 0.5), ("masked", 0.5)):
+        evaluator.settings = replace(settings, mode=mode)
+        subnet = uniform_subnet(config, fraction)
+        seconds, result = evaluator_seconds(evaluator, subnet, repeats)
+        row = {"mode": mode, "params_fraction": result["params"] / dense_params,
+               "tokens_per_s": tokens / seconds, "vs_dense_evaluator": ours / seconds}
+        out["subnets"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def gpu_latency(prompt_tokens: int, decode_tokens: int, batch: int) -> dict:
+    """Prefill and per-token decode latency of the dense model and of ~75% and ~50% ones."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(LLAMA3_8B)
-    out: dict = {"device": torch.cuda.get_device_name(), "model": "Llama-3-8B shape, random bf16"}
-    start = time.perf_counter()
-    model = random_model(config, dtype=torch.bfloat16, device="cuda")
-    torch.cuda.synchronize()
-    out["build_seconds"] = time.perf_counter() - start
-    dense_params = sum(p.numel() for p in model.parameters())
-    ids = torch.randint(0, config.vocab_size, (windows, seq_len), device="cuda")
-    tokens = ids.numel()
-    perplexity(model, ids[:batch], batch)
-    plain_hf_loss(model, ids[:batch], batch)
-    ours = _median_seconds(lambda: perplexity(model, ids, batch), repeats)
-    plain = _median_seconds(lambda: plain_hf_loss(model, ids, batch), repeats)
-    flops_per_token = 2 * dense_params
-    out["throughput"] = {
-        "windows": windows, "seq_len": seq_len, "batch": batch,
-        "evaluator_tokens_per_s": tokens / ours, "plain_hf_tokens_per_s": tokens / plain,
-        "evaluator_vs_plain": plain / ours,
-        "evaluator_tflops": flops_per_token * tokens / ours / 1e12,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }
-    print(json.dumps(out["throughput"], indent=2))
-
-    half = uniform_subnet(config, 0.5)
-    small = extract(model, half)
-    extracted = _median_seconds(lambda: perplexity(small, ids, batch), repeats)
-    out["extracted_half_tokens_per_s"] = tokens / extracted
-    del small, model
-    torch.cuda.empty_cache()
-
-    settings = LatencySettings(prompt_tokens=1024, decode_tokens=32, batch_size=1, repeats=5,
-                               warmup=2)
-    out["latency"] = []
+    dense_params = count_params(config, SubnetConfig.dense(config))
+    settings = LatencySettings(prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+                               batch_size=batch, repeats=5, warmup=2)
+    rows = []
     for fraction in (1.0, 0.75, 0.5):
         subnet = SubnetConfig.dense(config) if fraction == 1.0 else uniform_subnet(config, fraction)
         params = count_params(config, subnet)
         result = subnet_latency(config, subnet, settings, "cuda", torch.bfloat16)
         row = {"target": fraction, "params_fraction": params / dense_params, "params": params,
                "kv_heads": subnet.kv_heads[0], "mlp": subnet.mlp[0], "embed": subnet.embed, **result}
-        out["latency"].append(row)
-        print(json.dumps(row))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
-    out["latency_settings"] = settings.__dict__
-    return out
+    return {"settings": asdict(settings), "rows": rows}
 
 
 def main() -> None:
@@ -148,7 +166,9 @@ def main() -> None:
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     if args.gpu:
-        result = gpu_benchmark(args.windows or 32, args.seq_len, args.batch or 4, args.repeats)
+        result = gpu_throughput(args.windows or 32, args.seq_len, args.batch or 4, args.repeats)
+        torch.cuda.empty_cache()
+        result["latency"] = [gpu_latency(1024, 32, b) for b in (1, 16)]
     else:
         seq_lens = [512, 2048] if args.long else [512]
         result = {"cpu": cpu_perplexity(seq_lens, args.windows or 16, args.batch or 4)}

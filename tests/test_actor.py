@@ -100,3 +100,22 @@ def test_evaluator_as_a_ray_actor(settings) -> None:
         assert result["perplexity"] == pytest.approx(local["perplexity"], rel=1e-6)
     finally:
         ray.shutdown()
+
+
+def test_a_config_file_gives_random_weights_of_its_shapes(tmp_path, monkeypatch) -> None:
+    """Speed and scale runs: the model is a config.json alone, the windows random tokens."""
+    monkeypatch.setenv("PRUNETUNE_CACHE", str(tmp_path / "cache"))
+    config_file = tmp_path / "config.json"
+    tiny_config("llama").to_json_file(config_file)
+    settings = EvaluatorSettings(model=str(config_file), seq_len=16, windows=3, batch_size=2,
+                                 calibration_samples=2)
+    evaluator = Evaluator(settings)
+    assert evaluator.tokenizer is None and tuple(evaluator.windows.shape) == (3, 16)
+    assert int(evaluator.windows.max()) < 96 and evaluator.info()["layer_order"] is not None
+    first = evaluator.evaluate(SUBNET, ["perplexity"])
+    again = Evaluator(settings).evaluate(SUBNET, ["perplexity"])
+    assert first["status"] == "ok" and first["perplexity"] == again["perplexity"]
+    with pytest.raises(ValueError, match="has no tokenizer to score tasks"):
+        Evaluator(EvaluatorSettings(**{**settings.__dict__, "tasks": ("piqa",)}))
+    with pytest.raises(FileNotFoundError, match="model config file not found"):
+        Evaluator(EvaluatorSettings(**{**settings.__dict__, "model": str(tmp_path / "no.json")}))

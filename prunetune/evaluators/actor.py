@@ -26,7 +26,7 @@ from torch import nn
 from prunetune.evaluators.data import load_text
 from prunetune.evaluators.latency import LatencyCache, LatencySettings, subnet_latency
 from prunetune.evaluators.model import cache_dir, load_model, resolve_source
-from prunetune.evaluators.perplexity import perplexity, tokenize_windows
+from prunetune.evaluators.perplexity import perplexity, random_windows, tokenize_windows
 from prunetune.evaluators.surgery import apply_masks, extract
 from prunetune.evaluators.zeroshot import evaluate_tasks, load_task
 from prunetune.search_spaces.cost import subnet_cost
@@ -85,9 +85,11 @@ class Evaluator:
         self.device = settings.resolved_device()
         self.dtype = DTYPES[settings.dtype]
         self.model, self.tokenizer = load_model(settings.model, self.dtype, self.device)
+        if self.tokenizer is None and settings.tasks:
+            raise ValueError(f"evaluation.tasks {list(settings.tasks)}: a model with random "
+                             f"weights ({settings.model}) has no tokenizer to score tasks with")
         self.scores = self._sort_by_importance()
-        self.windows = tokenize_windows(self.tokenizer, load_text(settings.data), settings.seq_len,
-                                        settings.windows).to(self.device)
+        self.windows = self._token_windows(settings.data, settings.windows).to(self.device)
         self.tasks = {name: load_task(name, settings.task_limit) for name in settings.tasks}
         self.latency_cache = LatencyCache(cache_dir() / "latency" / f"{socket.gethostname()}.json")
         self.calls = 0
@@ -104,13 +106,17 @@ class Evaluator:
         elif criterion == "magnitude":
             scores = magnitude_scores(self.model)
         else:
-            text = load_text(self.settings.calibration)
-            ids = tokenize_windows(self.tokenizer, text, self.settings.seq_len,
-                                   self.settings.calibration_samples)
+            ids = self._token_windows(self.settings.calibration, self.settings.calibration_samples)
             scores = activation_scores(self.model, ids, self.settings.batch_size)
         if not os.path.isfile(path):
             scores.save(path)
         return permute_model(self.model, scores)
+
+    def _token_windows(self, source: str, count: int) -> torch.Tensor:
+        """`count` windows of the text `source`; random tokens for a model without a tokenizer."""
+        if self.tokenizer is None:
+            return random_windows(self.model.config.vocab_size, count, self.settings.seq_len)
+        return tokenize_windows(self.tokenizer, load_text(source), self.settings.seq_len, count)
 
     def info(self) -> dict[str, Any]:
         """What this evaluator holds: model config, layer order, device, load time."""

@@ -1,7 +1,8 @@
 """Load a pretrained decoder, and name its modules through one small adapter per family.
 
-Sources: a hub id or local directory (offline when the files are local), or a `.gguf`
-file. A GGUF file is dequantized once and cached as a safetensors checkpoint under
+Sources: a hub id or local directory (offline when the files are local), a `.gguf`
+file, or an HF `config.json` alone, which gives random weights of its shapes built on the
+device directly (speed and scale work: latency and throughput depend on shapes only). A GGUF file is dequantized once and cached as a safetensors checkpoint under
 `$PRUNETUNE_CACHE` (default `~/.cache/prunetune`), because dequantizing takes longer
 than the evaluation of a small sub-network and every evaluator would repeat it.
 """
@@ -117,14 +118,26 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+def is_config_file(source: str) -> bool:
+    """A model source that is an HF config file only: random weights of its shapes."""
+    return source.endswith(".json")
+
+
 def load_model(
     source: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) from a hub id, a local directory, a .gguf file or `smollm2`.
 
-    The model is put in eval mode on `device`; its architecture must be supported.
+    The model is put in eval mode on `device`; its architecture must be supported. A
+    `config.json` source gives random weights built on `device` and no tokenizer (None).
     """
     source = resolve_source(source)
+    if is_config_file(source):
+        from transformers import AutoConfig
+
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"model config file not found: {source}")
+        return random_model(AutoConfig.from_pretrained(source), dtype=dtype, device=device), None
     if source.endswith(".gguf"):
         model, tokenizer = _from_gguf(Path(source), dtype)
     else:

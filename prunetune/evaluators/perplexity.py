@@ -42,6 +42,13 @@ def tokenize_windows(
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def random_windows(vocab_size: int, count: int, seq_len: int, seed: int = 0) -> torch.LongTensor:
+    """Windows of random tokens `[count, seq_len]`, the same for a seed on every process:
+    the data of a model with random weights, whose numbers only time the evaluation."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (count, seq_len), generator=generator)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter, where its inputs go."""
     return next(model.parameters()).device
