@@ -227,3 +227,41 @@ def test_load_config_file_names_what_is_wrong(tmp_path: Path) -> None:
     listed.write_text("[]")
     with pytest.raises(ValueError, match="JSON list"):
         load_config_file(listed)
+
+
+def test_auto_gpus_take_the_planned_groups_of_the_connected_cluster(monkeypatch) -> None:
+    """`gpus_per_evaluator: auto`: the planner sizes groups from the cluster's GPUs."""
+    import prunetune.cluster.plan as plan_module
+    from prunetune.evaluators.sharded import ShardedEvaluatorGroup
+    from prunetune.orchestrator.config import load_spec
+    from prunetune.orchestrator.search import evaluator_class_for, plan_resources
+
+    model = str(CONFIGS / "llama3-70b.json")
+    spec = load_spec({"model": model, "dtype": "bfloat16",
+                      "evaluation": {"seq_len": 2048, "batch_size": 1, "mode": "masked"},
+                      "resources": {"gpus_per_evaluator": "auto"}})
+    monkeypatch.setattr(plan_module, "cluster_gpus", lambda: (2, 8, 79.6))
+    planned = plan_resources(spec)
+    assert planned.resources.gpus_per_evaluator == 2 and planned.resources.evaluators == 8
+    assert planned.resources.sharding == "zero3"
+    group = evaluator_class_for(planned)
+    assert issubclass(group, ShardedEvaluatorGroup)
+    monkeypatch.setattr(plan_module, "cluster_gpus", lambda: (1, 2, 139.8))
+    small = load_spec({"model": str(CONFIGS / "llama3-8b.json"), "dtype": "bfloat16",
+                       "resources": {"gpus_per_evaluator": "auto"}})
+    one_each = plan_resources(small).resources
+    assert (one_each.gpus_per_evaluator, one_each.evaluators, one_each.sharding) == (1, 2, "none")
+    assert plan_resources(load_spec({})) == load_spec({})
+
+
+def test_auto_gpus_on_a_cluster_without_gpus_says_so() -> None:
+    import ray
+
+    from prunetune.cluster.plan import cluster_gpus
+
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        with pytest.raises(ValueError, match="gpus_per_evaluator: auto needs GPUs"):
+            cluster_gpus()
+    finally:
+        ray.shutdown()

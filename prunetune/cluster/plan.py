@@ -241,6 +241,44 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return fields
 
 
+def model_config_path(model: str) -> str:
+    """The config.json of a model source, without loading weights.
+
+    A GGUF file has none: planning then needs the model's config.json given instead.
+    """
+    from prunetune.evaluators.model import resolve_source
+
+    source = Path(resolve_source(model))
+    if source.suffix == ".gguf":
+        raise ValueError(f"model: {model} is a GGUF file; planning needs a config.json "
+                         "(give the model's config.json or checkpoint directory)")
+    if source.exists():
+        return str(source)
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(model, "config.json")
+
+
+def cluster_gpus() -> tuple[int, int, float]:
+    """(nodes with GPUs, GPUs of the smallest such node, GiB of one GPU) of the Ray
+    cluster this process is connected to; the memory is read on a GPU by a Ray task."""
+    import ray
+
+    per_node = [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]]
+    per_node = [g for g in per_node if g > 0]
+    if not per_node:
+        raise ValueError("resources.gpus_per_evaluator: auto needs GPUs, and the Ray cluster "
+                         "has none (set gpus_per_evaluator: 0 to evaluate on CPUs)")
+    memory = ray.get(ray.remote(num_gpus=1)(_gpu_memory_gib).remote())
+    return len(per_node), min(per_node), memory
+
+
+def _gpu_memory_gib() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / GIB
+
+
 def _per_gpu_bytes(weight_bytes: int, working: int, headroom_bytes: int, group: int) -> int:
     return math.ceil(weight_bytes / group) + working + headroom_bytes
 

@@ -156,12 +156,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from prunetune.cluster.plan import load_config_file, plan_evaluators
+    from prunetune.cluster.plan import load_config_file, model_config_path, plan_evaluators
 
     path = Path(args.spec)
     if path.suffix in (".yaml", ".yml"):
         spec: Spec = load_spec(path)
-        config = load_config_file(_model_config_path(spec.model))
+        config = load_config_file(model_config_path(spec.model))
         dtype, seq_len = spec.dtype, spec.evaluation.seq_len
         batch = spec.evaluation.batch_size
     else:
@@ -171,21 +171,6 @@ def _plan(args: argparse.Namespace) -> int:
                            batch_size=batch)
     print(plan.describe())
     return 0
-
-
-def _model_config_path(model: str) -> str:
-    """The config.json of a spec's model, without loading weights."""
-    from prunetune.evaluators.model import resolve_source
-
-    source = Path(resolve_source(model))
-    if source.suffix == ".gguf":
-        raise ValueError(f"model: {model} is a GGUF file; `prunetune plan` needs a config.json "
-                         "(pass the model's config.json instead of the spec)")
-    if source.exists():
-        return str(source)
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(model, "config.json")
 
 
 COMMANDS = {"search": _search, "resume": _resume, "front": _front, "export": _export,

@@ -218,7 +218,7 @@ class ResourcesSpec(_Section):
 
     An evaluator group holds one copy of the model. One GPU per group needs no sharding;
     several GPUs per group need DeepSpeed sharding: `autotp` (tensor parallel, 2 or more
-    GPUs) or `zero3` (1 or more GPUs, optionally offloading weights to CPU or NVMe).
+    GPUs) or `zero3` (1 or more GPUs, optionally offloading weights to host memory).
     `gpus_per_evaluator: auto` lets the planner size groups from the model and GPU memory.
     """
 
@@ -226,7 +226,7 @@ class ResourcesSpec(_Section):
     gpus_per_evaluator: Annotated[int | Literal["auto"], PlainValidator(_check_gpus)] = 0
     cpus_per_evaluator: float = Field(1.0, gt=0)
     sharding: Literal["none", "zero3", "autotp"] = "none"
-    offload: Literal["none", "cpu", "nvme"] = "none"
+    offload: Literal["none", "cpu"] = "none"
 
     @model_validator(mode="after")
     def _sharding_fits_gpus(self) -> "ResourcesSpec":

@@ -111,8 +111,9 @@ class EvaluatorPool:
         self.free.put_nowait(index)
 
     def replace(self, index: int, dead: Any) -> None:
-        """Start a new evaluator in place of one that died (once per death)."""
+        """Start a new evaluator in place of one that died or broke (once per death)."""
         if self.handles[index] == dead:
+            ray.kill(dead, no_restart=True)
             self.handles[index] = self._start(index + len(self.handles) * (self.replaced + 1))
             self.nodes[index] = self.handles[index].__ray_call__.remote(_node_of)
             self.replaced += 1
@@ -174,6 +175,11 @@ def _report_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class EvaluatorBroken(RuntimeError):
+    """An evaluator group lost a rank: the trial fails (Tune retries it on another
+    evaluator) instead of logging a result that says nothing about the sub-network."""
+
+
 def evaluate_subnet(context: TrialContext, subnet: SubnetConfig, trial_id: str) -> dict[str, Any]:
     """Evaluate one sub-network on a borrowed evaluator and append its row to the log."""
     pool = ray.get_actor(context.pool_name, namespace=context.namespace)
@@ -184,7 +190,9 @@ def evaluate_subnet(context: TrialContext, subnet: SubnetConfig, trial_id: str) 
     started = datetime.now(timezone.utc)
     try:
         result = ray.get(handle.evaluate.remote(subnet.to_json(), context.metrics))
-    except ray.exceptions.RayActorError:
+        if result.get("evaluator_broken"):
+            raise EvaluatorBroken(f"{result.get('evaluator_id')}: {result['error']}")
+    except (ray.exceptions.RayActorError, EvaluatorBroken):
         ray.get(pool.replace.remote(index, handle))
         raise
     finally:
@@ -308,10 +316,45 @@ def local_cpus(spec: Spec) -> int:
     return max(os.cpu_count() or 1, needed)
 
 
+def evaluator_class_for(spec: Spec) -> type:
+    """What the pool starts per evaluator: a single-device `Evaluator`, or a sharded group
+    of `gpus_per_evaluator` ranks when the spec asks for sharding."""
+    r = spec.resources
+    if r.sharding == "none":
+        return Evaluator
+    from prunetune.evaluators.sharded import ShardingSettings, sharded_evaluator_class
+
+    return sharded_evaluator_class(ShardingSettings(ranks=r.gpus_per_evaluator, mode=r.sharding,
+                                                    offload=r.offload))
+
+
+def plan_resources(spec: Spec) -> Spec:
+    """The spec with `gpus_per_evaluator: auto` replaced by the planner's group size and
+    evaluator count for the connected cluster (ZeRO-3 sharding where a group needs several
+    GPUs and the spec names no mode); other specs are returned unchanged."""
+    r = spec.resources
+    if r.gpus_per_evaluator != "auto":
+        return spec
+    from prunetune.cluster.plan import cluster_gpus, load_config_file, model_config_path, plan_evaluators
+
+    nodes, gpus_per_node, memory_gib = cluster_gpus()
+    plan = plan_evaluators(load_config_file(model_config_path(spec.model)), memory_gib, nodes,
+                           gpus_per_node, spec.dtype, spec.evaluation.seq_len,
+                           spec.evaluation.batch_size)
+    print(plan.describe(), file=sys.stderr)
+    sharding = r.sharding
+    if plan.gpus_per_evaluator > 1 and sharding == "none":
+        sharding = "zero3"
+    resources = r.model_copy(update={"gpus_per_evaluator": plan.gpus_per_evaluator,
+                                     "evaluators": plan.evaluators, "sharding": sharding})
+    return spec.model_copy(update={"resources": resources})
+
+
 def _pool_options(spec: Spec) -> dict[str, Any]:
-    gpus = spec.resources.gpus_per_evaluator
-    return {"num_cpus": spec.resources.cpus_per_evaluator,
-            "num_gpus": 0 if gpus in (0, "auto") else gpus}
+    """Resources of one evaluator actor; a sharded group's GPUs are held by its ranks."""
+    r = spec.resources
+    return {"num_cpus": r.cpus_per_evaluator,
+            "num_gpus": 0 if r.sharding != "none" else r.gpus_per_evaluator}
 
 
 def start_pool(spec: Spec, run_id: str, evaluator_class: type) -> tuple[Any, str, list[dict[str, Any]]]:
@@ -335,9 +378,12 @@ def _dense_row(context: TrialContext) -> dict[str, Any]:
     return evaluate_subnet(context, dense, DENSE_TRIAL)
 
 
-def run_search(spec: Spec, evaluator_class: type = Evaluator, resume: bool = False,
+def run_search(spec: Spec, evaluator_class: type | None = None, resume: bool = False,
                num_cpus: int | None = None) -> SearchOutcome:
-    """Run (or, with `resume`, finish) the search of a spec; returns its front."""
+    """Run (or, with `resume`, finish) the search of a spec; returns its front.
+
+    `evaluator_class` None starts what the spec's resources ask for (`evaluator_class_for`).
+    """
     spec = spec.with_run_dir()
     run_dir = os.path.abspath(spec.run_dir) if "://" not in spec.run_dir else spec.run_dir
     write_run_file(run_dir, SPEC_FILE, spec.to_yaml())
@@ -345,7 +391,8 @@ def run_search(spec: Spec, evaluator_class: type = Evaluator, resume: bool = Fal
     run_id = record.get("run_id") or f"{spec.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
     connect(spec.address, code_runtime_env(spec.ship_code),
             num_cpus=num_cpus or (None if spec.address else local_cpus(spec)))
-    pool, pool_name, infos = start_pool(spec, run_id, evaluator_class)
+    spec = plan_resources(spec)
+    pool, pool_name, infos = start_pool(spec, run_id, evaluator_class or evaluator_class_for(spec))
     model_config = infos[0]["model_config"]
     context = TrialContext(run_id, run_dir, pool_name, "prunetune", model_config,
                            spec.metrics_needed(), spec.evaluation.seq_len)
@@ -418,7 +465,7 @@ def warm_start_configs(spec: Spec, space: SearchSpace) -> list[dict[str, Any]]:
     return [space.encode(s) for s in warm_start_subnets(spec.algorithm.warm_start, space)]
 
 
-def resume_search(run_dir: str, evaluator_class: type = Evaluator,
+def resume_search(run_dir: str, evaluator_class: type | None = None,
                   num_cpus: int | None = None) -> SearchOutcome:
     """Finish a stopped search: same spec, same run id, nothing evaluated twice."""
     return run_search(run_spec(run_dir), evaluator_class, resume=True, num_cpus=num_cpus)

@@ -1,0 +1,136 @@
+"""Sharded and single-device evaluators in a real search, on random weights of a model's shapes.
+
+Each layout runs `prunetune`'s own search (random proposals over the `uniform` space, masks,
+perplexity and params as objectives) on a model given by its `config.json` alone, so the
+weights are random and built on the GPUs directly. For each layout it prints the time to
+build the evaluators, evaluations per hour, tokens scored per second per GPU and the
+share of a plain forward's rate (`2 * params` FLOPs per token) that this is.
+
+    python benchmarks/sharded.py --model tests/fixtures/configs/llama3-70b.json \\
+        --layout zero3:2x1 --trials 20 --windows 64
+    python benchmarks/sharded.py --model tests/fixtures/configs/llama3-8b.json \\
+        --layout zero3:2x1 --layout none:1x2 --trials 20 --windows 64
+
+A layout is `SHARDING:GPUSxEVALUATORS`: `zero3:2x1` is one group of two GPUs (ZeRO-3),
+`none:1x2` two single-GPU evaluators, `autotp:2x1` one tensor-parallel group of two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.search import run_search
+from prunetune.search_spaces.cost import count_params
+from prunetune.search_spaces.subnet import SubnetConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the GPUs are used: sharding mode, GPUs per evaluator, evaluators."""
+
+    sharding: str
+    gpus: int
+    evaluators: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        try:
+            mode, shape = text.split(":")
+            gpus, evaluators = (int(v) for v in shape.split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"layout {text!r}: expected SHARDING:GPUSxEVALUATORS, e.g. zero3:2x1") from None
+        return cls(mode, gpus, evaluators)
+
+    def __str__(self) -> str:
+        return f"{self.sharding}:{self.gpus}x{self.evaluators}"
+
+
+def spec_for(args: argparse.Namespace, layout: Layout, run_dir: Path):
+    """A search spec of this layout: masks, random proposals (the local search's random
+    start), perplexity vs params."""
+    return load_spec({
+        "name": f"sharded-{layout.sharding}-{layout.gpus}x{layout.evaluators}",
+        "model": str(args.model), "dtype": "bfloat16", "run_dir": str(run_dir),
+        "search_space": {"preset": "uniform"},
+        "objectives": {"perplexity": "min", "params": "min"},
+        "algorithm": {"name": "local", "num_samples": args.trials, "seed": 0,
+                      "population_size": args.trials},
+        "evaluation": {"windows": args.windows, "seq_len": args.seq_len,
+                       "batch_size": args.batch, "mode": "masked", "importance": "none"},
+        "resources": {"evaluators": layout.evaluators, "gpus_per_evaluator": layout.gpus,
+                      "sharding": layout.sharding, "cpus_per_evaluator": 1},
+    })
+
+
+def run_layout(args: argparse.Namespace, layout: Layout) -> dict:
+    """One search in this layout, and its throughput figures."""
+    import ray
+
+    run_dir = args.run_root / str(layout).replace(":", "-")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    start = time.perf_counter()
+    outcome = run_search(spec_for(args, layout, run_dir))
+    total = time.perf_counter() - start
+    ray.shutdown()
+    log = pd.read_parquet(run_dir / "results")
+    record = json.loads((run_dir / "run.json").read_text())
+    config = record["model_config"]
+    ok = log[log["status"] == "ok"]
+    search_seconds = outcome.summary["seconds"]
+    gpus = layout.gpus * layout.evaluators
+    devices = max(gpus, layout.evaluators)
+    tokens = float(ok["tokens"].sum())
+    mean_params = float(ok["params"].mean()) if len(ok) else 0.0
+    tokens_per_gpu = tokens / search_seconds / devices
+    dense_params = count_params(config, SubnetConfig.dense(config))
+    return {
+        "layout": str(layout), "gpus": gpus, "trials": len(log) - 1, "failed": int((log["status"] != "ok").sum()),
+        "build_seconds": max(e["load_seconds"] for e in record["evaluators"]),
+        "total_seconds": total, "search_seconds": search_seconds,
+        "evaluations_per_hour": (len(log) - 1) / search_seconds * 3600,
+        "median_eval_seconds": float(ok["eval_seconds"].median()),
+        "tokens_per_s_per_gpu": tokens_per_gpu,
+        "dense_tflops_per_gpu": 2 * dense_params * tokens_per_gpu / 1e12,
+        "mean_params_fraction": mean_params / dense_params,
+        "windows": args.windows, "seq_len": args.seq_len, "batch": args.batch,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="a model's config.json")
+    parser.add_argument("--layout", type=Layout.parse, action="append", required=True)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--run-root", type=Path, default=Path("runs/sharded"))
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args()
+    rows = []
+    for layout in args.layout:
+        print(f"layout {layout}: {args.trials} trials on {args.windows} windows of "
+              f"{args.seq_len} tokens...", flush=True)
+        rows.append(run_layout(args, layout))
+        print(json.dumps(rows[-1]), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=2))
+    print(f"\n| layout | GPUs | build s | evals/h | median eval s | tokens/s/GPU | dense-equiv. TFLOP/s/GPU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layout']} | {r['gpus']} | {r['build_seconds']:.0f} | {r['evaluations_per_hour']:.0f} | "
+              f"{r['median_eval_seconds']:.1f} | {r['tokens_per_s_per_gpu']:,.0f} | "
+              f"{r['dense_tflops_per_gpu']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
