@@ -14,17 +14,7 @@ from prunetune.evaluators import data, perplexity as ppl
 from prunetune.evaluators.data import data_dir, load_text
 from prunetune.evaluators.model import random_model, tiny_config
 from prunetune.evaluators.perplexity import perplexity, tokenize_windows
-
-
-class CharTokenizer:
-    """One token per printable ASCII character, so token counts are known in advance."""
-
-    bos_token_id = 0
-    eos_token_id = 95
-
-    def __call__(self, text: str, add_special_tokens: bool = True, **_: object) -> dict:
-        ids = [ord(c) - 32 if 32 <= ord(c) < 127 else 95 for c in text]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+from char_tokenizer import CharTokenizer
 
 
 @pytest.fixture(scope="module")
