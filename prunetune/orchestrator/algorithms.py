@@ -37,8 +37,12 @@ def _minimised(result: Mapping[str, Any], objectives: Mapping[str, str]) -> np.n
 class LocalSearch(Searcher):
     """Mutation of the current front: random points first, then one-step neighbours.
 
-    A neighbour changes one search parameter of a random front point to an adjacent value
-    of its grid. The front is kept from completed results, so the search walks along it.
+    A neighbour moves a random front point one step along its grid: either one search
+    parameter, or one kind of width in every layer at once (all `mlp_<i>`, all
+    `heads_<i>`). Group moves matter in the per-layer space: there the best sub-networks at
+    mild budgets thin one kind of unit everywhere (all MLPs narrower), which single-layer
+    steps reach only after dozens of accepted moves. The front is kept from completed
+    results, so the search walks along it.
     """
 
     def __init__(self, space: SearchSpace, objectives: Mapping[str, str], seed: int,
@@ -63,12 +67,21 @@ class LocalSearch(Searcher):
         return config
 
     def _neighbour(self, config: dict[str, Any]) -> dict[str, Any]:
+        """One step of one parameter, or of one per-layer group (half the time it has
+        several members), up or down; parameters at the end of their grid stay."""
         choices = self.space.choices()
-        name = self.rng.choice([n for n, values in choices.items() if len(values) > 1])
-        values = choices[name]
-        i = values.index(config[name])
-        step = self.rng.choice([s for s in (-1, 1) if 0 <= i + s < len(values)])
-        return {**config, name: values[i + step]}
+        groups = parameter_groups([n for n, values in choices.items() if len(values) > 1])
+        members = groups[self.rng.choice(sorted(groups))]
+        if len(members) > 1 and self.rng.random() < 0.5:
+            members = [self.rng.choice(members)]
+        step = self.rng.choice((-1, 1))
+        moved = dict(config)
+        for name in members:
+            values = choices[name]
+            i = values.index(config[name]) + step
+            if 0 <= i < len(values):
+                moved[name] = values[i]
+        return moved
 
     def _front(self) -> list[dict[str, Any]]:
         if not self.points:
@@ -90,6 +103,15 @@ class LocalSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+
+
+def parameter_groups(names: list[str]) -> dict[str, list[str]]:
+    """Search parameters grouped by kind: `mlp_0`, `mlp_1`, ... form `mlp`; others stand alone."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        stem, _, index = name.rpartition("_")
+        groups.setdefault(stem if stem and index.isdigit() else name, []).append(name)
+    return groups
 
 
 def make_algorithm(name: str, space: SearchSpace, objectives: Mapping[str, str], seed: int,
