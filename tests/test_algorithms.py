@@ -1,5 +1,7 @@
 """The local search's moves: one parameter, or one kind of width in every layer."""
 
+import random
+
 from prunetune.orchestrator.algorithms import LocalSearch, parameter_groups
 from prunetune.search_spaces.spaces import make_space
 from standin import SMOLLM2_CONFIG
@@ -53,3 +55,35 @@ def test_a_neighbour_steps_one_parameter_or_one_kind_in_every_layer() -> None:
 def test_the_same_seed_proposes_the_same_neighbours() -> None:
     assert neighbours_of_one_point(3, 40) == neighbours_of_one_point(3, 40)
     assert neighbours_of_one_point(3, 40)[1] != neighbours_of_one_point(4, 40)[1]
+
+
+def test_initial_configs_come_first_and_their_results_are_walked_from() -> None:
+    """Warm starts (and the dense model) are the local search's own first proposals, and
+    its neighbours are then taken around them."""
+    space = make_space("per_layer", SMOLLM2_CONFIG)
+    first, second = (space.encode(space.sample(random.Random(seed))) for seed in (1, 2))
+    search = LocalSearch(space, OBJECTIVES, seed=0, initial_random=0, initial=[first, second])
+    assert search.suggest("a") == first and search.suggest("b") == second
+    search.on_trial_complete("a", {"perplexity": 10.0, "params": 5e7})
+    search.on_trial_complete("b", {"perplexity": 20.0, "params": 4e7})
+    for i in range(20):
+        proposal = search.suggest(f"n{i}")
+        steps = [sum(c[k] != proposal[k] for k in c) for c in (first, second)]
+        nearest = (first, second)[steps.index(min(steps))]
+        assert len(parameter_groups([k for k in proposal if proposal[k] != nearest[k]])) <= 1
+        search.on_trial_complete(f"n{i}", None, error=True)
+
+
+def test_a_used_up_neighbourhood_does_not_stall_the_search() -> None:
+    """Every depth of a 16-point space is reached although the front's neighbours fill up."""
+    space = make_space("layers", SMOLLM2_CONFIG)
+    search = LocalSearch(space, OBJECTIVES, seed=0, initial_random=0,
+                         initial=[{"depth": 30}, {"depth": 29}])
+    seen = []
+    for i in range(40):
+        config = search.suggest(f"t{i}")
+        seen.append(config["depth"])
+        search.on_trial_complete(f"t{i}", {"perplexity": 100.0 - config["depth"],
+                                           "params": 1e6 * config["depth"]})
+    assert set(seen) == set(range(15, 31))
+    assert len(set(seen[:16])) >= 12

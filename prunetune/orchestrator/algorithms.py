@@ -24,6 +24,11 @@ from prunetune.search_spaces.subnet import SubnetConfig
 ALGORITHMS = ("random", "nsga2", "local")
 DENSE_TRIAL = "dense"
 MAX_PROPOSALS = 200
+NEIGHBOUR_TRIES = 50
+
+
+def _key(config: Mapping[str, Any]) -> tuple:
+    return tuple(sorted(config.items()))
 
 
 def _minimised(result: Mapping[str, Any], objectives: Mapping[str, str]) -> np.ndarray | None:
@@ -46,25 +51,41 @@ class LocalSearch(Searcher):
     """
 
     def __init__(self, space: SearchSpace, objectives: Mapping[str, str], seed: int,
-                 initial_random: int) -> None:
+                 initial_random: int, initial: list[dict[str, Any]] | None = None) -> None:
         super().__init__(metric=list(objectives), mode=list(objectives.values()))
         self.space = space
         self.objectives = dict(objectives)
         self.rng = random.Random(seed)
+        self.initial = list(initial or [])
         self.initial_random = initial_random
         self.proposed = 0
         self.points: list[tuple[dict[str, Any], np.ndarray]] = []
         self.pending: dict[str, dict[str, Any]] = {}
 
     def suggest(self, trial_id: str) -> dict[str, Any]:
+        if self.initial:
+            config = self.initial.pop(0)
+            self.pending[trial_id] = config
+            return config
         self.proposed += 1
         front = self._front()
         if self.proposed <= self.initial_random or not front:
             config = self.space.encode(self.space.sample(self.rng))
         else:
-            config = self._neighbour(self.rng.choice(front))
+            config = self._new_neighbour(front)
         self.pending[trial_id] = config
         return config
+
+    def _new_neighbour(self, front: list[dict[str, Any]]) -> dict[str, Any]:
+        """A neighbour of a front point that this search has not evaluated or proposed yet;
+        a random point once the front's neighbourhood is used up, so the search never
+        stalls on configurations it already knows."""
+        known = {_key(c) for c, _ in self.points} | {_key(c) for c in self.pending.values()}
+        for _ in range(NEIGHBOUR_TRIES):
+            config = self._neighbour(self.rng.choice(front))
+            if _key(config) not in known:
+                return config
+        return self.space.encode(self.space.sample(self.rng))
 
     def _neighbour(self, config: dict[str, Any]) -> dict[str, Any]:
         """One step of one parameter, or of one per-layer group (half the time it has
@@ -115,10 +136,16 @@ def parameter_groups(names: list[str]) -> dict[str, list[str]]:
 
 
 def make_algorithm(name: str, space: SearchSpace, objectives: Mapping[str, str], seed: int,
-                   population_size: int) -> Searcher:
-    """The searcher of an algorithm name; its proposals depend only on the seed and results."""
+                   population_size: int, initial: list[dict[str, Any]] | None = None) -> Searcher:
+    """The searcher of an algorithm name; its proposals depend only on the seed and results.
+
+    `initial` configurations (the dense model, warm starts) are the algorithm's own first
+    proposals, so their results reach it like any other: the local search walks from them,
+    and Optuna's samplers count them in their population.
+    """
     if name == "local":
-        return LocalSearch(space, objectives, seed, initial_random=population_size)
+        return LocalSearch(space, objectives, seed, initial_random=population_size,
+                           initial=initial)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -130,7 +157,8 @@ def make_algorithm(name: str, space: SearchSpace, objectives: Mapping[str, str],
     else:
         raise ValueError(f"algorithm.name: unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
     return OptunaSearch(space=OptunaSearch.convert_search_space(space.param_space()),
-                        metric=list(objectives), mode=list(objectives.values()), sampler=sampler)
+                        metric=list(objectives), mode=list(objectives.values()), sampler=sampler,
+                        points_to_evaluate=list(initial or []) or None)
 
 
 class GuardedSearcher(Searcher):
@@ -138,22 +166,20 @@ class GuardedSearcher(Searcher):
 
     The results already in the run's log (read again on every restore, since trials write
     it themselves) and those completed since are the cache; `feasible(subnet)` is False
-    for a configuration that breaks a constraint checked before evaluation. `initial`
-    configurations (warm starts) are proposed before the algorithm's. The budget counts
+    for a configuration that breaks a constraint checked before evaluation. A proposal
+    already in the log is answered with its stored result at once. The budget counts
     the log, not Tune's trials: after a hard stop Tune's own state may lag behind the log,
     and the search must still end with exactly `budget` results.
     """
 
     def __init__(self, algorithm: Searcher, space: SearchSpace, objectives: Mapping[str, str],
-                 run_dir: str, feasible: Callable[[SubnetConfig], bool], budget: int,
-                 initial: list[dict[str, Any]] | None = None) -> None:
+                 run_dir: str, feasible: Callable[[SubnetConfig], bool], budget: int) -> None:
         super().__init__(metric=list(objectives), mode=list(objectives.values()))
         self.algorithm = algorithm
         self.space = space
         self.run_dir = run_dir
         self.feasible = feasible
         self.budget = budget
-        self.initial = list(initial or [])
         self.running: dict[str, tuple[str, str | None]] = {}
         self.asks = 0
         self.skipped = {"known": 0, "running": 0, "infeasible": 0}
@@ -191,19 +217,16 @@ class GuardedSearcher(Searcher):
             return {**config, "subnet": subnet.to_json()}
         return Searcher.FINISHED
 
-    def _propose(self) -> tuple[dict[str, Any] | None, str | None]:
-        if self.initial:
-            return self.initial.pop(0), None
+    def _propose(self) -> tuple[dict[str, Any] | None, str]:
         self.asks += 1
         inner_id = f"ask-{self.asks}"
         return self.algorithm.suggest(inner_id), inner_id
 
-    def _refuse(self, inner_id: str | None, stored: dict | None, running: bool) -> None:
+    def _refuse(self, inner_id: str, stored: dict | None, running: bool) -> None:
         """Tell the algorithm at once what it proposed: the stored result, or a failure."""
         reason = "known" if stored is not None else "running" if running else "infeasible"
         self.skipped[reason] += 1
-        if inner_id is not None:
-            self._tell(inner_id, stored)
+        self._tell(inner_id, stored)
 
     def _tell(self, inner_id: str, result: dict | None) -> None:
         ok = bool(result) and result.get("status") == "ok"

@@ -436,13 +436,14 @@ def _read_front(run_dir: str) -> Any:
 def _new_tuner(spec: Spec, space: SearchSpace, objectives: dict[str, str], run_dir: str,
                trainable: Any, callback: FrontCallback, model_config: dict[str, Any],
                dense: dict[str, Any]) -> tune.Tuner:
+    initial = [space.encode(SubnetConfig.dense(model_config)), *warm_start_configs(spec, space)]
     algorithm = make_algorithm(spec.algorithm.name, space, objectives, spec.algorithm.seed,
-                               spec.algorithm.population_size)
+                               spec.algorithm.population_size, initial)
     feasible = Feasibility(spec.parsed_constraints(), model_config,
                            {k: v for k, v in dense.items() if isinstance(v, (int, float))},
                            spec.evaluation.seq_len, 2)
     searcher = GuardedSearcher(algorithm, space, objectives, run_dir, feasible,
-                               spec.algorithm.num_samples, initial=warm_start_configs(spec, space))
+                               spec.algorithm.num_samples)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=spec.algorithm.num_samples,
