@@ -6,6 +6,9 @@ measured by the same evaluators as the search's:
 - `uniform-magnitude`: one width ratio for heads, neurons and embedding channels, units
   ranked by weight magnitude (classic L2 structured pruning);
 - `uniform-activation`: the same shapes, units ranked by activation magnitude (Minitron);
+- `mlp-only`: every layer, head and embedding channel kept, the same share of MLP neurons
+  (by activation) in every layer; the MLPs hold most of a Llama's parameters and, on
+  SmolLM2, are the cheapest place to take the first 10-20% from;
 - `layer-drop`: whole layers removed, least block influence first (ShortGPT);
 - `no-importance`: the same shapes as the uniform baselines on the checkpoint's own unit
   order, which is what the search keeps when the importance permutation is off.
@@ -26,11 +29,12 @@ from prunetune.search_spaces.dims import ModelDims
 from prunetune.search_spaces.spaces import SearchSpace, scaled_width
 from prunetune.search_spaces.subnet import SubnetConfig
 
-BASELINES = ("uniform-magnitude", "uniform-activation", "layer-drop", "no-importance")
+BASELINES = ("uniform-magnitude", "uniform-activation", "mlp-only", "layer-drop", "no-importance")
 
 BASELINE_IMPORTANCE = {
     "uniform-magnitude": "magnitude",
     "uniform-activation": "activation",
+    "mlp-only": "activation",
     "layer-drop": "activation",
     "no-importance": "none",
 }
@@ -73,6 +77,14 @@ def uniform_subnet(model_config: Any, ratio: float, neuron_step: int = 1,
     return SubnetConfig(tuple(range(n)), (kv,) * n, (q,) * n, (mlp,) * n, embed)
 
 
+def mlp_only_subnet(model_config: Any, ratio: float, neuron_step: int = 1) -> SubnetConfig:
+    """Every layer, head and channel kept; each MLP `ratio` of its neurons (rounded half up)."""
+    dense = SubnetConfig.dense(_dims(model_config))
+    mlp = scaled_width(ratio, dense.mlp[0], neuron_step)
+    return SubnetConfig(dense.layers, dense.kv_heads, dense.q_per_kv, (mlp,) * len(dense.layers),
+                        dense.embed)
+
+
 def layer_drop_subnet(model_config: Any, layer_order: Sequence[int], depth: int) -> SubnetConfig:
     """The `depth` layers first in `layer_order` (most influential first), dense widths."""
     d = _dims(model_config)
@@ -98,10 +110,15 @@ def baseline_family(name: str, model_config: Any, layer_order: Sequence[int] | N
     if name == "layer-drop":
         order = list(range(d.num_layers)) if layer_order is None else list(layer_order)
         members = [layer_drop_subnet(d, order, k) for k in range(d.num_layers, 0, -1)]
+    elif name == "mlp-only":
+        members = [mlp_only_subnet(d, r, neuron_step) for r in _ratios()]
     else:
-        ratios = (round(1.0 - i / RATIO_STEPS, 6) for i in range(RATIO_STEPS))
-        members = [uniform_subnet(d, r, neuron_step, embed_step) for r in ratios]
+        members = [uniform_subnet(d, r, neuron_step, embed_step) for r in _ratios()]
     return list(dict.fromkeys(members))
+
+
+def _ratios() -> list[float]:
+    return [round(1.0 - i / RATIO_STEPS, 6) for i in range(RATIO_STEPS)]
 
 
 def closest_within(candidates: Iterable[SubnetConfig], model_config: Any,

@@ -1,0 +1,342 @@
+"""Quality of the searched front against the standard pruning recipes, on SmolLM2-135M (CPU).
+
+For parameter budgets of 90, 80, 70, 60 and 50% of the dense model, measures the WikiText-2
+test perplexity and the zero-shot PIQA accuracy of
+
+(a) the best point within the budget of a search's Pareto front (objectives perplexity and
+    params; warm-started from the baselines), for each search-space preset asked for, and
+    of the same search without the importance permutation (units kept in the checkpoint's
+    own order, layers dropped from the end): what importance ordering is worth;
+(b) each baseline of `prunetune.orchestrator.baselines` at the same budget, evaluated with
+    the importance setting it needs.
+
+The search selects on WikiText-2 validation windows and the importance scores are
+calibrated on the validation split too; every reported number is measured afterwards on
+test windows, so no point is picked on the data it is scored on. Prints a Markdown table,
+and writes quality.png (perplexity vs parameters) and quality.json to --out.
+
+    python benchmarks/quality.py [--quick] [--presets per_layer uniform]
+                                 [--no-importance-presets per_layer] [--trials 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from prunetune.evaluators.actor import Evaluator, EvaluatorSettings
+from prunetune.orchestrator.baselines import BASELINE_IMPORTANCE, BASELINES, baseline_subnets
+from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.search import run_search
+from prunetune.search_spaces.cost import count_params
+from prunetune.search_spaces.subnet import SubnetConfig
+
+BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
+SEQ_LEN = 256
+CALIBRATION = "wikitext2:valid"
+CALIBRATION_SAMPLES = 8
+
+
+@dataclass
+class Options:
+    """What one benchmark run measures and how hard it searches."""
+
+    presets: list[str]
+    no_importance_presets: list[str]
+    algorithm: str
+    trials: int
+    population: int
+    search_windows: int
+    test_windows: int
+    task_limit: int
+    out: Path
+    run_root: Path
+    quick: bool = False
+    seed: int = 0
+    budgets: tuple[float, ...] = BUDGETS
+
+
+@dataclass
+class SearchRun:
+    """One search: its front, how long it ran, and how many sub-networks it evaluated."""
+
+    preset: str
+    importance: str
+    front: pd.DataFrame
+    trials: int
+    wall_seconds: float
+    eval_seconds: float
+    run_dir: str
+
+    @property
+    def label(self) -> str:
+        return f"search ({self.preset}{', no importance' if self.importance == 'none' else ''})"
+
+
+@dataclass
+class Measured:
+    """One sub-network's reported numbers."""
+
+    method: str
+    budget: float | None
+    subnet: SubnetConfig
+    params: int
+    perplexity: float
+    acc_piqa: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: few trials, 2 windows, 20 PIQA items, uniform preset only")
+    p.add_argument("--presets", nargs="+", default=None, choices=["uniform", "per_layer"])
+    p.add_argument("--no-importance-presets", nargs="*", default=None,
+                   choices=["uniform", "per_layer"],
+                   help="presets also searched without the importance permutation")
+    p.add_argument("--algorithm", default=None, choices=["nsga2", "local", "random"])
+    p.add_argument("--trials", type=int, default=None, help="search trials per preset")
+    p.add_argument("--search-windows", type=int, default=None,
+                   help="validation windows of 256 tokens each trial is scored on")
+    p.add_argument("--test-windows", type=int, default=None,
+                   help="test windows of 256 tokens each reported point is scored on")
+    p.add_argument("--task-limit", type=int, default=None, help="PIQA items scored")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
+                   help="where quality.png and quality.json go (default: benchmarks/)")
+    p.add_argument("--run-root", type=Path, default=Path("runs/quality"),
+                   help="where the searches keep their run directories (replaced each run)")
+    a = p.parse_args(argv)
+    quick = a.quick
+    return Options(
+        presets=a.presets or (["uniform"] if quick else ["per_layer", "uniform"]),
+        no_importance_presets=(a.no_importance_presets if a.no_importance_presets is not None
+                               else [] if quick else ["per_layer"]),
+        algorithm=a.algorithm or "local",
+        trials=a.trials or (6 if quick else 150),
+        population=4 if quick else 8,
+        search_windows=a.search_windows or (2 if quick else 8),
+        test_windows=a.test_windows or (2 if quick else 32),
+        task_limit=a.task_limit or (20 if quick else 200),
+        out=a.out, run_root=a.run_root, quick=quick, seed=a.seed,
+    )
+
+
+def search_spec(opts: Options, preset: str, importance: str, run_dir: Path) -> Any:
+    """The spec of one search: perplexity vs params, warm-started from every baseline."""
+    return load_spec({
+        "name": f"quality-{run_dir.name}",
+        "run_dir": str(run_dir),
+        "search_space": {"preset": preset},
+        "objectives": {"perplexity": "min", "params": "min"},
+        "algorithm": {"name": opts.algorithm, "num_samples": opts.trials, "seed": opts.seed,
+                      "population_size": opts.population, "warm_start": list(BASELINES)},
+        "evaluation": {"data": "wikitext2:valid", "windows": opts.search_windows,
+                       "seq_len": SEQ_LEN, "calibration": CALIBRATION,
+                       "calibration_samples": CALIBRATION_SAMPLES, "importance": importance},
+        "resources": {"evaluators": 1, "cpus_per_evaluator": 2},
+    })
+
+
+def run_one_search(opts: Options, preset: str, importance: str) -> SearchRun:
+    """Search one preset from scratch (an old run directory of the benchmark is replaced)."""
+    run_dir = opts.run_root / (preset if importance != "none" else f"{preset}-no-importance")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    start = time.perf_counter()
+    outcome = run_search(search_spec(opts, preset, importance, run_dir))
+    wall = time.perf_counter() - start
+    log = pd.read_parquet(Path(outcome.run_dir) / "results")
+    return SearchRun(preset, importance, outcome.front, trials=len(log) - 1, wall_seconds=wall,
+                     eval_seconds=float(log["eval_seconds"].sum()), run_dir=outcome.run_dir)
+
+
+def best_within(front: pd.DataFrame, max_params: float) -> SubnetConfig | None:
+    """The front point with the lowest (search) perplexity whose params fit the budget."""
+    ok = front[(front["status"] == "ok") & (front["params"] <= max_params)]
+    if ok.empty:
+        return None
+    return SubnetConfig.from_json(ok.sort_values("perplexity").iloc[0]["config_json"])
+
+
+def report_settings(opts: Options, importance: str) -> EvaluatorSettings:
+    """Test-split windows and PIQA; the importance calibration of the search."""
+    return EvaluatorSettings(
+        model="smollm2", device="cpu", data="wikitext2:test", seq_len=SEQ_LEN,
+        windows=opts.test_windows, batch_size=4, tasks=("piqa",), task_limit=opts.task_limit,
+        importance=importance, calibration=CALIBRATION, calibration_samples=CALIBRATION_SAMPLES,
+    )
+
+
+def measure(evaluator: Evaluator, method: str, budget: float | None,
+            subnet: SubnetConfig) -> Measured:
+    result = evaluator.evaluate(subnet, ["perplexity", "params", "acc_piqa"])
+    if result["status"] != "ok":
+        raise RuntimeError(f"{method} at budget {budget}: evaluation failed: {result['error']}")
+    return Measured(method, budget, subnet, int(result["params"]), float(result["perplexity"]),
+                    float(result["acc_piqa"]), {"eval_seconds": result["eval_seconds"]})
+
+
+def planned_points(opts: Options, searches: list[SearchRun], model_config: Any,
+                   layer_order: list[int]) -> dict[str, list[tuple[str, float | None, SubnetConfig]]]:
+    """Every (method, budget, sub-network) to report, grouped by the importance it needs."""
+    dense_params = count_params(model_config, SubnetConfig.dense(model_config))
+    plan: dict[str, list[tuple[str, float | None, SubnetConfig]]] = {
+        "activation": [("dense", None, SubnetConfig.dense(model_config))]}
+    for run in searches:
+        for budget in opts.budgets:
+            subnet = best_within(run.front, budget * dense_params)
+            if subnet is not None:
+                plan.setdefault(run.importance, []).append((run.label, budget, subnet))
+    for name in BASELINES:
+        subnets = baseline_subnets(name, model_config, layer_order, opts.budgets)
+        plan.setdefault(BASELINE_IMPORTANCE[name], []).extend(
+            (name, b, s) for b, s in zip(opts.budgets, subnets))
+    return plan
+
+
+def evaluate_plan(opts: Options, plan: dict[str, list[tuple[str, float | None, SubnetConfig]]]
+                  ) -> list[Measured]:
+    """Measure the plan, one evaluator (one importance permutation) at a time."""
+    measured: list[Measured] = []
+    for importance, points in plan.items():
+        evaluator = Evaluator(report_settings(opts, importance), f"report-{importance}")
+        cache: dict[SubnetConfig, Measured] = {}
+        for method, budget, subnet in points:
+            if subnet not in cache:
+                cache[subnet] = measure(evaluator, method, budget, subnet)
+            m = cache[subnet]
+            measured.append(Measured(method, budget, subnet, m.params, m.perplexity,
+                                     m.acc_piqa, m.extra))
+            print(f"  {method:<20} budget {budget}: ppl {m.perplexity:.2f}, piqa {m.acc_piqa:.3f}",
+                  flush=True)
+        del evaluator
+        gc.collect()
+    return measured
+
+
+def _shape(subnet: SubnetConfig) -> str:
+    mlp = sum(subnet.mlp) / subnet.num_layers
+    heads = sum(k * q for k, q in zip(subnet.kv_heads, subnet.q_per_kv)) / subnet.num_layers
+    return f"{subnet.num_layers} L, {heads:.1f} h, {mlp:.0f} n, {subnet.embed} e"
+
+
+def markdown_table(measured: list[Measured], dense_params: int) -> str:
+    """One row per budget and method: params, shape, test perplexity, PIQA accuracy."""
+    lines = ["| budget | method | params (% dense) | shape (layers, mean heads, mean neurons, "
+             "embed) | WikiText-2 ppl | PIQA acc |",
+             "|---|---|---|---|---|---|"]
+    dense = [m for m in measured if m.method == "dense"]
+    for m in dense:
+        lines.append(f"| 100% | dense | 100.0 | {_shape(m.subnet)} | {m.perplexity:.2f} | "
+                     f"{m.acc_piqa:.3f} |")
+    for budget in sorted({m.budget for m in measured if m.budget is not None}, reverse=True):
+        rows = sorted((m for m in measured if m.budget == budget), key=lambda m: m.perplexity)
+        best = rows[0].perplexity
+        for m in rows:
+            ppl = f"**{m.perplexity:.2f}**" if m.perplexity == best else f"{m.perplexity:.2f}"
+            lines.append(f"| {budget:.0%} | {m.method} | {100 * m.params / dense_params:.1f} | "
+                         f"{_shape(m.subnet)} | {ppl} | {m.acc_piqa:.3f} |")
+    return "\n".join(lines)
+
+
+def search_summary(searches: list[SearchRun], opts: Options) -> str:
+    lines = []
+    for run in searches:
+        lines.append(
+            f"{run.label}: {opts.algorithm}, {run.trials} trials, {len(run.front)} on "
+            f"the front, {run.wall_seconds / 60:.1f} min wall, {run.eval_seconds / 60:.1f} min "
+            f"in evaluations ({opts.search_windows} validation windows of {SEQ_LEN} tokens, "
+            "1 evaluator on 2 CPU cores)")
+    return "\n".join(lines)
+
+
+def plot(measured: list[Measured], searches: list[SearchRun], dense_params: int,
+         path: Path) -> None:
+    """Test perplexity vs params (log y): each method a line over the budgets, dense a star,
+    and each search's whole front (validation perplexity) as faint points."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5.5), dpi=120)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for run in searches:
+        ok = run.front[run.front["status"] == "ok"]
+        ax.scatter(ok["params"] / 1e6, ok["perplexity"], s=8, alpha=0.35,
+                   label=f"front of {run.label}, validation ppl")
+    markers = iter("osD^vP<>")
+    for method in dict.fromkeys(m.method for m in measured if m.method != "dense"):
+        points = sorted((m for m in measured if m.method == method), key=lambda m: m.params)
+        width = 2.2 if method.startswith("search") else 1.2
+        ax.plot([m.params / 1e6 for m in points], [m.perplexity for m in points],
+                marker=next(markers), lw=width, label=f"{method} (test ppl)")
+    for m in measured:
+        if m.method == "dense":
+            ax.scatter([m.params / 1e6], [m.perplexity], marker="*", s=250, c="tab:red",
+                       zorder=5, label="dense (test ppl)")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("WikiText-2 perplexity (log)")
+    ax.set_title(f"SmolLM2-135M ({dense_params / 1e6:.1f} M), pruned without fine-tuning")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    figure.savefig(path)
+
+
+def write_json(measured: list[Measured], searches: list[SearchRun], opts: Options,
+               seconds: float, path: Path) -> None:
+    record = {
+        "seconds": seconds,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+        "searches": [{"preset": r.preset, "importance": r.importance, "trials": r.trials, "front_size": len(r.front),
+                      "wall_seconds": r.wall_seconds, "eval_seconds": r.eval_seconds}
+                     for r in searches],
+        "points": [{"method": m.method, "budget": m.budget, "params": m.params,
+                    "perplexity": m.perplexity, "acc_piqa": m.acc_piqa,
+                    "subnet": m.subnet.to_dict()} for m in measured],
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def search_record(searches: list[SearchRun]) -> tuple[list[int], dict[str, Any]]:
+    """The block-influence layer order and the model config the searches used."""
+    record = json.loads((Path(searches[0].run_dir) / "run.json").read_text())
+    return record["layer_order"], record["model_config"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    start = time.perf_counter()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    searches = []
+    runs = [(p, "activation") for p in opts.presets] + [(p, "none") for p in opts.no_importance_presets]
+    for preset, importance in runs:
+        print(f"searching the {preset} space, importance {importance} ({opts.trials} trials)...",
+              flush=True)
+        searches.append(run_one_search(opts, preset, importance))
+    layer_order, model_config = search_record(searches)
+    dense_params = count_params(model_config, SubnetConfig.dense(model_config))
+    print("measuring the reported points on the test split...", flush=True)
+    measured = evaluate_plan(opts, planned_points(opts, searches, model_config, layer_order))
+    seconds = time.perf_counter() - start
+    plot(measured, searches, dense_params, opts.out / "quality.png")
+    write_json(measured, searches, opts, seconds, opts.out / "quality.json")
+    print()
+    print(markdown_table(measured, dense_params))
+    print()
+    print(search_summary(searches, opts))
+    print(f"total: {seconds / 60:.1f} min; WikiText-2 test: {opts.test_windows} windows of "
+          f"{SEQ_LEN} tokens; PIQA: first {opts.task_limit} validation items")
+    print(f"wrote {opts.out / 'quality.png'} and {opts.out / 'quality.json'}")
+
+
+if __name__ == "__main__":
+    main()
