@@ -23,10 +23,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from prunetune.evaluators.data import load_text
+from prunetune.evaluators.data import token_windows
 from prunetune.evaluators.latency import LatencyCache, LatencySettings, subnet_latency
 from prunetune.evaluators.model import cache_dir, load_model, resolve_source
-from prunetune.evaluators.perplexity import perplexity, random_windows, tokenize_windows
+from prunetune.evaluators.perplexity import perplexity
 from prunetune.evaluators.surgery import apply_masks, extract
 from prunetune.evaluators.zeroshot import evaluate_tasks, load_task
 from prunetune.search_spaces.cost import subnet_cost
@@ -113,10 +113,8 @@ class Evaluator:
         return permute_model(self.model, scores)
 
     def _token_windows(self, source: str, count: int) -> torch.Tensor:
-        """`count` windows of the text `source`; random tokens for a model without a tokenizer."""
-        if self.tokenizer is None:
-            return random_windows(self.model.config.vocab_size, count, self.settings.seq_len)
-        return tokenize_windows(self.tokenizer, load_text(source), self.settings.seq_len, count)
+        return token_windows(self.tokenizer, source, self.settings.seq_len, count,
+                             self.model.config.vocab_size)
 
     def info(self) -> dict[str, Any]:
         """What this evaluator holds: model config, layer order, device, load time."""

@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
+
+import torch
 
 DATA_ENV = "PRUNETUNE_DATA"
 
@@ -83,3 +86,15 @@ def _hf_dataset_text(source: str) -> str:
             f"dataset {source!r} has no 'text' column (columns: {', '.join(rows.column_names)})"
         )
     return "\n\n".join(rows["text"])
+
+
+def token_windows(tokenizer: Any, source: str, seq_len: int, count: int,
+                  vocab_size: int) -> torch.Tensor:
+    """`count` windows of `seq_len` tokens of the text `source`; for a model with random
+    weights (no tokenizer), random tokens, the same in every process."""
+    from prunetune.evaluators.perplexity import random_windows, tokenize_windows
+
+    if tokenizer is None:
+        return random_windows(vocab_size, count, seq_len)
+    return tokenize_windows(tokenizer, load_text(source), seq_len, count)
+

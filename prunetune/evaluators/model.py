@@ -2,7 +2,8 @@
 
 Sources: a hub id or local directory (offline when the files are local), a `.gguf`
 file, or an HF `config.json` alone, which gives random weights of its shapes built on the
-device directly (speed and scale work: latency and throughput depend on shapes only). A GGUF file is dequantized once and cached as a safetensors checkpoint under
+device directly (speed and scale work: latency and throughput depend on shapes only).
+A GGUF file is dequantized once and cached as a safetensors checkpoint under
 `$PRUNETUNE_CACHE` (default `~/.cache/prunetune`), because dequantizing takes longer
 than the evaluation of a small sub-network and every evaluator would repeat it.
 """

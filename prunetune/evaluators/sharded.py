@@ -44,14 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunetune.evaluators.actor import DTYPES, EvaluatorSettings, importance_cache_path
-from prunetune.evaluators.data import load_text
+from prunetune.evaluators.data import token_windows
 from prunetune.evaluators.latency import LatencyCache, subnet_latency
 from prunetune.evaluators.model import (
     cache_dir, is_config_file, load_model, resolve_source,
 )
-from prunetune.evaluators.perplexity import (
-    LOGIT_CHUNK_ELEMENTS, hidden_states, random_windows, tokenize_windows,
-)
+from prunetune.evaluators.perplexity import LOGIT_CHUNK_ELEMENTS, hidden_states
 from prunetune.evaluators.surgery import _head_mask, _hook, _prefix_mask, _scale_input, apply_masks
 from prunetune.search_spaces.cost import subnet_cost
 from prunetune.search_spaces.dims import Adapter, ModelDims, adapter_for
@@ -435,20 +433,12 @@ class ShardRank:
         return shared[0]
 
     def _calibration(self, tokenizer: Any) -> torch.Tensor:
-        if tokenizer is None:
-            return self._random_windows(self.settings.calibration_samples)
-        return tokenize_windows(tokenizer, load_text(self.settings.calibration),
-                                self.settings.seq_len, self.settings.calibration_samples)
+        return token_windows(tokenizer, self.settings.calibration, self.settings.seq_len,
+                             self.settings.calibration_samples, self.model.config.vocab_size)
 
     def _windows(self, tokenizer: Any) -> torch.Tensor:
-        if tokenizer is None:
-            return self._random_windows(self.settings.windows)
-        return tokenize_windows(tokenizer, load_text(self.settings.data), self.settings.seq_len,
-                                self.settings.windows)
-
-    def _random_windows(self, count: int) -> torch.Tensor:
-        """Token windows for a model with random weights (timing only): the same on every rank."""
-        return random_windows(self.model_config.vocab_size, count, self.settings.seq_len)
+        return token_windows(tokenizer, self.settings.data, self.settings.seq_len,
+                             self.settings.windows, self.model.config.vocab_size)
 
     def _local_slices(self) -> LocalSlices:
         """Where this rank's `o_proj` and `down_proj` inputs sit in the full widths."""
