@@ -100,7 +100,7 @@ def evaluator_seconds(evaluator, subnet: SubnetConfig, repeats: int) -> tuple[fl
 
 def gpu_throughput(windows: int, seq_len: int, batch: int, repeats: int) -> dict:
     """The evaluator (dense, and extracted or masked sub-networks) against plain HF."""
-    from prunetune.evaluators.actor import Evaluator, EvaluatorSettings
+    from prunetune.evaluators.evaluator import Evaluator, EvaluatorSettings
 
     settings = EvaluatorSettings(model=str(LLAMA3_8B), dtype="bfloat16", device="cuda",
                                  seq_len=seq_len, windows=windows, batch_size=batch,

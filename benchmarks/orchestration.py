@@ -15,7 +15,7 @@ import tempfile
 import time
 from typing import Any
 
-from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.results import ResultLog
 from prunetune.orchestrator.search import run_search
 from prunetune.search_spaces.subnet import SubnetConfig

@@ -32,9 +32,9 @@ from typing import Any
 
 import pandas as pd
 
-from prunetune.evaluators.actor import Evaluator, EvaluatorSettings
+from prunetune.evaluators.evaluator import Evaluator, EvaluatorSettings
 from prunetune.orchestrator.baselines import BASELINE_IMPORTANCE, BASELINES, baseline_subnets
-from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.search import run_search
 from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.subnet import SubnetConfig

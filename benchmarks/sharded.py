@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.search import run_search
 from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.subnet import SubnetConfig

@@ -21,7 +21,7 @@ from prunetune.evaluators.perplexity import perplexity, tokenize_windows
 from prunetune.evaluators.surgery import apply_masks, extract
 from prunetune.search_spaces import SubnetConfig
 from prunetune.search_spaces.cost import count_params
-from prunetune.search_spaces.importance import activation_scores, permute_model
+from prunetune.evaluators.importance import activation_scores, permute_model
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

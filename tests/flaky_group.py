@@ -6,7 +6,7 @@ from typing import Any
 
 import ray
 
-from prunetune.evaluators.actor import EvaluatorSettings
+from prunetune.evaluators.evaluator import EvaluatorSettings
 from prunetune.evaluators.sharded import ShardedEvaluatorGroup, ShardingSettings
 
 BREAK_AT_CALL = 3

@@ -16,7 +16,7 @@ from prunetune.orchestrator.baselines import (
     baseline_subnets,
     warm_start_subnets,
 )
-from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.search import warm_start_configs
 from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.dims import ModelDims

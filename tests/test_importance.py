@@ -2,7 +2,7 @@ import torch
 
 from prunetune.evaluators.surgery import apply_masks
 from prunetune.search_spaces import SubnetConfig
-from prunetune.search_spaces.importance import (
+from prunetune.evaluators.importance import (
     ImportanceScores, activation_scores, magnitude_scores, permute_model,
 )
 

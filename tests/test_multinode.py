@@ -88,7 +88,7 @@ def cluster(tmp_path):
 DRIVER = """
 import json, sys, ray
 from standin import StandInEvaluator
-from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.search import run_search
 outcome = run_search(load_spec(sys.argv[1]), StandInEvaluator)
 nodes = {n["NodeID"]: sorted(n["Resources"]) for n in ray.nodes()}

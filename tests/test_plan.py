@@ -233,7 +233,7 @@ def test_auto_gpus_take_the_planned_groups_of_the_connected_cluster(monkeypatch)
     """`gpus_per_evaluator: auto`: the planner sizes groups from the cluster's GPUs."""
     import prunetune.cluster.plan as plan_module
     from prunetune.evaluators.sharded import ShardedEvaluatorGroup
-    from prunetune.orchestrator.config import load_spec
+    from prunetune.orchestrator.spec import load_spec
     from prunetune.orchestrator.search import evaluator_class_for, plan_resources
 
     model = str(CONFIGS / "llama3-70b.json")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import ray
 
-from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.pareto import pareto_front
 from prunetune.orchestrator.results import ResultLog
 from prunetune.orchestrator.search import resume_search, run_search
@@ -98,7 +98,7 @@ def test_a_second_algorithm_on_the_same_run_dir_evaluates_nothing_twice(tmp_path
 DRIVER = """
 import sys
 from standin import StandInEvaluator
-from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.search import run_search, resume_search
 if sys.argv[1] == "search":
     run_search(load_spec(sys.argv[2]), StandInEvaluator, num_cpus=4)

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("deepspeed")
 ray = pytest.importorskip("ray")
 
-from prunetune.evaluators.actor import Evaluator, EvaluatorSettings, importance_cache_path
+from prunetune.evaluators.evaluator import Evaluator, EvaluatorSettings, importance_cache_path
 from prunetune.evaluators.model import random_model, tiny_config
 from prunetune.evaluators.perplexity import tokenize_windows
 from prunetune.evaluators.data import load_text
@@ -19,7 +19,7 @@ from prunetune.evaluators.sharded import (
     ShardedEvaluatorGroup, ShardingSettings, sharded_evaluator_class,
 )
 from prunetune.search_spaces import SubnetConfig
-from prunetune.search_spaces.importance import ImportanceScores, activation_scores
+from prunetune.evaluators.importance import ImportanceScores, activation_scores
 
 # 128 neurons: AutoTP splits MLPs in grains of 64, so each of 2 ranks gets half.
 CONFIG = dict(vocab_size=49152, intermediate_size=128)

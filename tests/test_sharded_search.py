@@ -9,7 +9,7 @@ pytest.importorskip("deepspeed")
 import ray
 
 from prunetune.evaluators.model import tiny_config
-from prunetune.orchestrator.config import load_spec
+from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.results import ResultLog
 from prunetune.orchestrator.search import run_search
 

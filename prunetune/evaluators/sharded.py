@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunetune.evaluators.actor import DTYPES, EvaluatorSettings, importance_cache_path
+from prunetune.evaluators.evaluator import DTYPES, EvaluatorSettings, importance_cache_path
 from prunetune.evaluators.data import token_windows
 from prunetune.evaluators.latency import LatencyCache, subnet_latency
 from prunetune.evaluators.model import (
@@ -53,7 +53,7 @@ from prunetune.evaluators.perplexity import LOGIT_CHUNK_ELEMENTS, hidden_states
 from prunetune.evaluators.surgery import _head_mask, _hook, _prefix_mask, _scale_input, apply_masks
 from prunetune.search_spaces.cost import subnet_cost
 from prunetune.search_spaces.dims import Adapter, ModelDims, adapter_for
-from prunetune.search_spaces.importance import (
+from prunetune.evaluators.importance import (
     ImportanceScores, _descending, _permute_heads, _permute_neurons, _take, activation_scores,
     head_order, magnitude_scores, permute_model,
 )

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from prunetune.orchestrator.config import Spec, SpecError, default_spec, load_spec
+from prunetune.orchestrator.spec import Spec, SpecError, default_spec, load_spec
 
 FRONT_COLUMNS = ("config_hash", "num_layers", "q_heads", "mlp", "embed", "params")
 
@@ -136,7 +136,7 @@ def _print_front(front: pd.DataFrame, objectives: dict[str, str]) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from prunetune.evaluators.actor import Evaluator
+    from prunetune.evaluators.evaluator import Evaluator
     from prunetune.evaluators.surgery import save_pruned
     from prunetune.orchestrator.search import evaluator_settings, run_spec
     from prunetune.search_spaces.subnet import SubnetConfig

@@ -27,10 +27,10 @@ import yaml
 from ray import tune
 
 from prunetune.cluster.connect import code_runtime_env, connect, storage_uri
-from prunetune.evaluators.actor import Evaluator, EvaluatorSettings
+from prunetune.evaluators.evaluator import Evaluator, EvaluatorSettings
 from prunetune.evaluators.latency import LatencySettings
 from prunetune.orchestrator.algorithms import DENSE_TRIAL, GuardedSearcher, make_algorithm
-from prunetune.orchestrator.config import Constraint, Spec, load_spec
+from prunetune.orchestrator.spec import Constraint, Spec, load_spec
 from prunetune.orchestrator.pareto import hypervolume, objective_matrix, pareto_front, plot_front, write_front
 from prunetune.orchestrator.results import (
     FIXED_COLUMNS, ResultLog, make_row, open_filesystem, read_run_file, write_run_file,

@@ -14,7 +14,7 @@ Shared conventions of all presets:
 - Depth: a number of kept layers k in [min_layers, num_layers]; the kept layers are the
   first k of `layer_order` (most important first), in ascending index order. The default
   order is 0..n-1, which drops the last layers first; pass the block-influence order
-  from `importance.py` to drop the least important layers first.
+  from `prunetune.evaluators.importance` to drop the least important layers first.
 - Head unit: with grouped-query attention (num_kv_heads > 1) width pruning removes whole
   query groups (a key/value head with its query heads), which shrinks the KV cache too;
   with a single key/value head it removes query heads within that group.

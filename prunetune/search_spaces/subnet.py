@@ -1,7 +1,7 @@
 """What a sub-network is: which layers stay, and how wide each kept part is.
 
 Counts, not masks: the model's weights are sorted by importance first (see
-`importance.py`), so keeping k heads, neurons or channels means keeping the first k.
+`prunetune.evaluators.importance`), so keeping k heads, neurons or channels means keeping the first k.
 The canonical JSON of a SubnetConfig is the cache key of the whole search.
 """
 

@@ -30,7 +30,7 @@ from prunetune.evaluators.perplexity import perplexity
 from prunetune.evaluators.surgery import apply_masks, extract
 from prunetune.evaluators.zeroshot import evaluate_tasks, load_task
 from prunetune.search_spaces.cost import subnet_cost
-from prunetune.search_spaces.importance import (
+from prunetune.evaluators.importance import (
     ImportanceScores, activation_scores, magnitude_scores, permute_model,
 )
 from prunetune.search_spaces.subnet import SubnetConfig

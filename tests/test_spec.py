@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from prunetune.orchestrator.config import (
+from prunetune.orchestrator.spec import (
     Constraint,
     Spec,
     SpecError,

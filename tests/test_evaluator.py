@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from prunetune.evaluators import actor as actor_module
-from prunetune.evaluators.actor import Evaluator, EvaluatorSettings, importance_cache_path, make_actor
+from prunetune.evaluators import evaluator as evaluator_module
+from prunetune.evaluators.evaluator import Evaluator, EvaluatorSettings, importance_cache_path, make_actor
 from prunetune.evaluators.latency import LatencySettings
 from prunetune.evaluators.model import random_model, tiny_config
 from prunetune.search_spaces import SubnetConfig
@@ -62,7 +62,7 @@ def test_out_of_memory_is_a_failed_result(settings, monkeypatch) -> None:
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    monkeypatch.setattr(actor_module, "perplexity", out_of_memory)
+    monkeypatch.setattr(evaluator_module, "perplexity", out_of_memory)
     failed = evaluator.evaluate(SUBNET, ["perplexity"])
     assert failed["status"] == "failed" and failed["error"].startswith("out of memory")
     monkeypatch.undo()
