@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from prunetune.evaluators.latency import LatencySettings, subnet_latency
+from prunetune.evaluators.latency import subnet_latency
+from prunetune.evaluators.settings import LatencySettings
 from prunetune.evaluators.perplexity import perplexity, tokenize_windows
 from prunetune.search_spaces import SubnetConfig
 from prunetune.search_spaces.cost import count_params
@@ -100,7 +101,8 @@ def evaluator_seconds(evaluator, subnet: SubnetConfig, repeats: int) -> tuple[fl
 
 def gpu_throughput(windows: int, seq_len: int, batch: int, repeats: int) -> dict:
     """The evaluator (dense, and extracted or masked sub-networks) against plain HF."""
-    from prunetune.evaluators.evaluator import Evaluator, EvaluatorSettings
+    from prunetune.evaluators.evaluator import Evaluator
+    from prunetune.evaluators.settings import EvaluatorSettings
 
     settings = EvaluatorSettings(model=str(LLAMA3_8B), dtype="bfloat16", device="cuda",
                                  seq_len=seq_len, windows=windows, batch_size=batch,

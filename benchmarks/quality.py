@@ -32,7 +32,8 @@ from typing import Any
 
 import pandas as pd
 
-from prunetune.evaluators.evaluator import Evaluator, EvaluatorSettings
+from prunetune.evaluators.evaluator import Evaluator
+from prunetune.evaluators.settings import EvaluatorSettings
 from prunetune.orchestrator.baselines import BASELINE_IMPORTANCE, BASELINES, baseline_subnets
 from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.search import run_search

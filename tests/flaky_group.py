@@ -6,8 +6,8 @@ from typing import Any
 
 import ray
 
-from prunetune.evaluators.evaluator import EvaluatorSettings
-from prunetune.evaluators.sharded import ShardedEvaluatorGroup, ShardingSettings
+from prunetune.evaluators.settings import EvaluatorSettings, ShardingSettings
+from prunetune.evaluators.sharded.group import ShardedEvaluatorGroup
 
 BREAK_AT_CALL = 3
 

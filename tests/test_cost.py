@@ -3,7 +3,7 @@ import pytest
 from prunetune.evaluators.model import tiny_config
 from prunetune.search_spaces import SubnetConfig
 from prunetune.search_spaces.cost import (
-    count_params, forward_flops, kv_cache_bytes_per_token, subnet_cost,
+    count_params, forward_flops, kv_cache_bytes_per_token, peak_memory_bytes, subnet_cost,
 )
 
 LLAMA3_70B = dict(model_type="llama", hidden_size=8192, num_hidden_layers=80,
@@ -40,3 +40,14 @@ def test_kv_cache_bytes_count_kept_groups() -> None:
 def test_cost_rejects_unsupported_architecture() -> None:
     with pytest.raises(ValueError, match="unsupported architecture 'falcon'"):
         count_params({"model_type": "falcon"}, SubnetConfig((0,), (1,), (1,), (1,), 1))
+
+
+def test_peak_memory_of_the_dense_model_is_the_planners_memory_model() -> None:
+    """One memory model: an evaluation batch's peak is what `plan` sizes groups with."""
+    from prunetune.cluster.plan import plan_evaluators
+
+    config = tiny_config("llama", vocab_size=1000)
+    plan = plan_evaluators(config, gpu_memory_gib=80, nodes=1, gpus_per_node=1,
+                           dtype="bfloat16", seq_len=64, batch_size=2)
+    peak = peak_memory_bytes(config, SubnetConfig.dense(config), 64, 2, 2)
+    assert peak == plan.weight_bytes + plan.working_bytes

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from prunetune.evaluators import evaluator as evaluator_module
-from prunetune.evaluators.evaluator import Evaluator, EvaluatorSettings, importance_cache_path, make_actor
-from prunetune.evaluators.latency import LatencySettings
+from prunetune.evaluators.contract import importance_cache_path
+from prunetune.evaluators.evaluator import Evaluator, make_actor
+from prunetune.evaluators.settings import EvaluatorSettings, LatencySettings
 from prunetune.evaluators.model import random_model, tiny_config
 from prunetune.search_spaces import SubnetConfig
 

@@ -232,7 +232,7 @@ def test_load_config_file_names_what_is_wrong(tmp_path: Path) -> None:
 def test_auto_gpus_take_the_planned_groups_of_the_connected_cluster(monkeypatch) -> None:
     """`gpus_per_evaluator: auto`: the planner sizes groups from the cluster's GPUs."""
     import prunetune.cluster.plan as plan_module
-    from prunetune.evaluators.sharded import ShardedEvaluatorGroup
+    from prunetune.evaluators.sharded.group import ShardedEvaluatorGroup
     from prunetune.orchestrator.spec import load_spec
     from prunetune.orchestrator.search import evaluator_class_for, plan_resources
 

@@ -11,13 +11,13 @@ import torch
 pytest.importorskip("deepspeed")
 ray = pytest.importorskip("ray")
 
-from prunetune.evaluators.evaluator import Evaluator, EvaluatorSettings, importance_cache_path
+from prunetune.evaluators.contract import importance_cache_path
+from prunetune.evaluators.evaluator import Evaluator
+from prunetune.evaluators.settings import EvaluatorSettings, ShardingSettings
 from prunetune.evaluators.model import random_model, tiny_config
 from prunetune.evaluators.perplexity import tokenize_windows
 from prunetune.evaluators.data import load_text
-from prunetune.evaluators.sharded import (
-    ShardedEvaluatorGroup, ShardingSettings, sharded_evaluator_class,
-)
+from prunetune.evaluators.sharded.group import ShardedEvaluatorGroup, sharded_evaluator_class
 from prunetune.search_spaces import SubnetConfig
 from prunetune.evaluators.importance import ImportanceScores, activation_scores
 

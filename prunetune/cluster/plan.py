@@ -42,7 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunetune.search_spaces.cost import count_params
+from prunetune.search_spaces.cost import (
+    LOSS_BYTES_PER_LOGIT, activation_working_bytes, count_params, logits_working_bytes,
+)
 from prunetune.search_spaces.dims import ModelDims
 from prunetune.search_spaces.subnet import SubnetConfig
 
@@ -56,11 +58,6 @@ RESERVED_BYTES = 2 * GIB
 
 # Memory the caching allocator holds beyond the working memory, as a share of it.
 FRAGMENTATION = 0.25
-
-# Bytes per logit element beyond the model's dtype: the float32 copy and the float32
-# log-softmax of the cross-entropy loss.
-LOSS_BYTES_PER_LOGIT = 8
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -149,11 +146,12 @@ def plan_evaluators(
                     seq_len=seq_len, batch_size=batch_size)
     dtype_bytes = _dtype_bytes(dtype)
     dims = ModelDims.from_config(model_config)
-    params = count_params(dims, SubnetConfig.dense(dims))
+    dense = SubnetConfig.dense(dims)
+    params = count_params(dims, dense)
     gpu_memory_bytes = int(gpu_memory_gib * GIB)
     weight_bytes = params * dtype_bytes
     logits_bytes = logits_working_bytes(dims, seq_len, batch_size, dtype_bytes)
-    activation_bytes = activation_working_bytes(dims, seq_len, batch_size, dtype_bytes)
+    activation_bytes = activation_working_bytes(dims, dense, seq_len, batch_size, dtype_bytes)
     working = logits_bytes + activation_bytes
     headroom_bytes = headroom(working)
     group = _smallest_group(weight_bytes, working, headroom_bytes, gpu_memory_bytes,
@@ -179,23 +177,6 @@ def plan_evaluators(
         gpus_per_node=gpus_per_node,
         evaluators=evaluator_count(group, nodes, gpus_per_node),
     )
-
-
-def logits_working_bytes(dims: ModelDims, seq_len: int, batch_size: int, dtype_bytes: int) -> int:
-    """Logits in the model's dtype, their float32 copy and float32 log-softmax at the loss."""
-    return batch_size * seq_len * dims.vocab_size * (dtype_bytes + LOSS_BYTES_PER_LOGIT)
-
-
-def activation_working_bytes(
-    dims: ModelDims, seq_len: int, batch_size: int, dtype_bytes: int
-) -> int:
-    """The widest point of a decoder layer's forward pass.
-
-    Three MLP-wide tensors (gate activation, up projection, product) and three
-    residual-wide ones (residual stream, normalised copy, layer input).
-    """
-    width = 3 * dims.intermediate_size + 3 * dims.hidden_size
-    return batch_size * seq_len * width * dtype_bytes
 
 
 def headroom(working_bytes: int) -> int:

@@ -173,7 +173,8 @@ def magnitude_scores(model: nn.Module) -> ImportanceScores:
                             meta={"criterion": "magnitude"})
 
 
-def _descending(scores: torch.Tensor) -> torch.Tensor:
+def descending(scores: torch.Tensor) -> torch.Tensor:
+    """Unit indices, most important first (ties keep the model's order)."""
     return torch.argsort(scores, descending=True, stable=True)
 
 
@@ -183,12 +184,13 @@ def head_order(scores: torch.Tensor, d: ModelDims) -> tuple[torch.Tensor, torch.
     Groups are ordered by the total score of their heads, heads within a group by score.
     """
     per_group = scores.reshape(d.num_kv_heads, d.q_per_kv)
-    groups = _descending(per_group.sum(1))
-    within = torch.stack([_descending(per_group[g]) for g in groups.tolist()])
+    groups = descending(per_group.sum(1))
+    within = torch.stack([descending(per_group[g]) for g in groups.tolist()])
     return (groups[:, None] * d.q_per_kv + within).reshape(-1), groups
 
 
-def _take(param: torch.Tensor, index: torch.Tensor, dim: int) -> None:
+def reorder_(param: torch.Tensor, index: torch.Tensor, dim: int) -> None:
+    """Reorder `param` in place along `dim`: new position i takes old `index[i]`."""
     param.copy_(param.index_select(dim, index.to(param.device)))
 
 
@@ -206,19 +208,37 @@ def permute_model(model: nn.Module, scores: ImportanceScores) -> ImportanceScore
     channels everywhere at once (tied embeddings are one tensor, permuted once).
     """
     a, d = adapter_for(model), ModelDims.from_config(model.config)
+    channels = descending(scores.embed)
+    for param, dim in residual_tables(model, a):
+        reorder_(param, channels, dim)
     new_heads, new_neurons = [], []
     for i, layer in enumerate(model.get_submodule(a.layers)):
-        heads, groups = head_order(scores.heads[i], d)
-        _permute_heads(layer, a, d, heads, groups)
-        neurons = _descending(scores.neurons[i])
-        _permute_neurons(layer, a, neurons)
+        heads, neurons = permute_layer(layer, a, d, scores.heads[i], scores.neurons[i], channels)
         new_heads.append(scores.heads[i][heads])
         new_neurons.append(scores.neurons[i][neurons])
-    channels = _descending(scores.embed)
-    _permute_channels(model, a, channels)
     return ImportanceScores(heads=new_heads, neurons=new_neurons, embed=scores.embed[channels],
                             block_influence=scores.block_influence.clone(),
                             meta={**scores.meta, "permuted": "true"})
+
+
+def residual_tables(model: nn.Module, a: Adapter) -> list[tuple[torch.Tensor, int]]:
+    """The weights outside the decoder layers that carry the residual stream, each with its
+    channel axis, and each once (tied embeddings are one tensor)."""
+    tables = [(model.get_submodule(a.embed).weight, 1), (model.get_submodule(a.lm_head).weight, 1),
+              (model.get_submodule(a.final_norm).weight, 0)]
+    return list({id(param): (param, dim) for param, dim in tables}.values())
+
+
+def permute_layer(layer: nn.Module, a: Adapter, d: ModelDims, head_scores: torch.Tensor,
+                  neuron_scores: torch.Tensor, channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort one decoder layer in place: heads and neurons by their scores, and its part of
+    the residual stream by `channels`. Returns the new-to-old head and neuron indices."""
+    heads, groups = head_order(head_scores, d)
+    _permute_heads(layer, a, d, heads, groups)
+    neurons = descending(neuron_scores)
+    _permute_neurons(layer, a, neurons)
+    _permute_layer_channels(layer, a, channels)
+    return heads, neurons
 
 
 def _permute_heads(layer: nn.Module, a: Adapter, d: ModelDims, heads: torch.Tensor,
@@ -227,42 +247,32 @@ def _permute_heads(layer: nn.Module, a: Adapter, d: ModelDims, heads: torch.Tens
     q_rows, kv_rows = _expand(heads, d.head_dim), _expand(groups, d.head_dim)
     for name, rows in ((a.q, q_rows), (a.k, kv_rows), (a.v, kv_rows)):
         proj = attn.get_submodule(name)
-        _take(proj.weight, rows, 0)
+        reorder_(proj.weight, rows, 0)
         if proj.bias is not None:
-            _take(proj.bias, rows, 0)
-    _take(attn.get_submodule(a.o).weight, q_rows, 1)
+            reorder_(proj.bias, rows, 0)
+    reorder_(attn.get_submodule(a.o).weight, q_rows, 1)
 
 
 def _permute_neurons(layer: nn.Module, a: Adapter, neurons: torch.Tensor) -> None:
     mlp = layer.get_submodule(a.mlp)
     for name in (a.gate, a.up):
         proj = mlp.get_submodule(name)
-        _take(proj.weight, neurons, 0)
+        reorder_(proj.weight, neurons, 0)
         if proj.bias is not None:
-            _take(proj.bias, neurons, 0)
-    _take(mlp.get_submodule(a.down).weight, neurons, 1)
+            reorder_(proj.bias, neurons, 0)
+    reorder_(mlp.get_submodule(a.down).weight, neurons, 1)
 
 
-def _permute_channels(model: nn.Module, a: Adapter, channels: torch.Tensor) -> None:
-    """Permute the residual stream: every reader's columns, every writer's rows, norms."""
-    seen: set[int] = set()
-
-    def take_once(t: torch.Tensor, dim: int) -> None:
-        if id(t) not in seen:
-            seen.add(id(t))
-            _take(t, channels, dim)
-
-    take_once(model.get_submodule(a.embed).weight, 1)
-    take_once(model.get_submodule(a.lm_head).weight, 1)
-    take_once(model.get_submodule(a.final_norm).weight, 0)
-    for layer in model.get_submodule(a.layers):
-        attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
-        for norm in (a.input_norm, a.post_attn_norm):
-            take_once(layer.get_submodule(norm).weight, 0)
-        for reader in (attn.get_submodule(a.q), attn.get_submodule(a.k), attn.get_submodule(a.v),
-                       mlp.get_submodule(a.gate), mlp.get_submodule(a.up)):
-            take_once(reader.weight, 1)
-        for writer in (attn.get_submodule(a.o), mlp.get_submodule(a.down)):
-            take_once(writer.weight, 0)
-            if writer.bias is not None:
-                take_once(writer.bias, 0)
+def _permute_layer_channels(layer: nn.Module, a: Adapter, channels: torch.Tensor) -> None:
+    """Permute one layer's part of the residual stream: its norms, every reader's
+    columns and every writer's rows."""
+    attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
+    for norm in (a.input_norm, a.post_attn_norm):
+        reorder_(layer.get_submodule(norm).weight, channels, 0)
+    for reader in (attn.get_submodule(a.q), attn.get_submodule(a.k), attn.get_submodule(a.v),
+                   mlp.get_submodule(a.gate), mlp.get_submodule(a.up)):
+        reorder_(reader.weight, channels, 1)
+    for writer in (attn.get_submodule(a.o), mlp.get_submodule(a.down)):
+        reorder_(writer.weight, channels, 0)
+        if writer.bias is not None:
+            reorder_(writer.bias, channels, 0)

@@ -9,28 +9,20 @@ shape: two sub-networks with the same widths (whichever layers they keep) share 
 from __future__ import annotations
 
 import json
+import socket
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from prunetune.evaluators.model import cache_dir
+from prunetune.evaluators.settings import LatencySettings
 from prunetune.evaluators.surgery import random_subnet_model
 from prunetune.search_spaces.subnet import SubnetConfig
-
-
-@dataclass(frozen=True)
-class LatencySettings:
-    """What to time: prompt length, decoded tokens, batch, and how often."""
-
-    prompt_tokens: int = 128
-    decode_tokens: int = 16
-    batch_size: int = 1
-    repeats: int = 5
-    warmup: int = 2
 
 
 class _Timer:
@@ -88,6 +80,11 @@ def shape_key(subnet: SubnetConfig, settings: LatencySettings, device: torch.dev
     widths = list(zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp))
     return json.dumps({"widths": widths, "embed": subnet.embed, "settings": asdict(settings),
                        "device": str(device), "dtype": str(dtype)}, sort_keys=True)
+
+
+def latency_cache_file() -> Path:
+    """This host's latency cache file: latency depends on the machine, not on the run."""
+    return cache_dir() / "latency" / f"{socket.gethostname()}.json"
 
 
 class LatencyCache:

@@ -21,22 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunetune.search_spaces.dims import ModelDims, adapter_for
-
-
-def get_module(root: nn.Module, dotted: str) -> nn.Module:
-    """The submodule at a dotted path."""
-    return root.get_submodule(dotted)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers."""
-    return get_module(model, adapter_for(model).layers)
-
-
-def model_dims(model: nn.Module) -> ModelDims:
-    """The dimensions of a loaded model."""
-    return ModelDims.from_config(model.config)
+from prunetune.search_spaces.dims import adapter_for
 
 
 def smollm2_gguf() -> Path:

@@ -63,19 +63,56 @@ def hidden_states(
     return out.last_hidden_state
 
 
-def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def logit_chunks(rows: int, vocab_size: int) -> int:
+    """Chunks of `rows` LM-head rows that keep each chunk's float32 logits within
+    `LOGIT_CHUNK_ELEMENTS` (at least one)."""
+    return max(1, math.ceil(rows / max(1, LOGIT_CHUNK_ELEMENTS // vocab_size)))
+
+
+def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   chunks: int | None = None) -> torch.Tensor:
     """Float32 log-probability of each target `[n]` given its hidden state `[n, hidden]`.
 
-    The LM head runs on chunks of rows, so at most `LOGIT_CHUNK_ELEMENTS` float32
-    logits exist at a time.
+    The LM head runs on `chunks` row chunks (default: as few as `logit_chunks` allows),
+    so at most `LOGIT_CHUNK_ELEMENTS` float32 logits exist at a time. A fixed `chunks`
+    makes every call run the head the same number of times whatever `n` is, which
+    ZeRO-3 needs (it gathers a module's weights collectively on every call). Chunks stay
+    3-D (`[1, rows, hidden]`), because AutoTP's split LM head slices its input that way.
     """
     head = model.get_output_embeddings()
-    rows = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
-    parts = [
-        -F.cross_entropy(head(h).float(), t, reduction="none")
-        for h, t in zip(hidden.split(rows), targets.split(rows))
-    ]
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    count = chunks or logit_chunks(hidden.shape[0], head.weight.shape[0])
+    parts = [-F.cross_entropy(head(h.unsqueeze(0)).squeeze(0).float(), t, reduction="none")
+             for h, t in zip(hidden.tensor_split(count), targets.tensor_split(count))]
+    return torch.cat(parts)
+
+
+def nll_sum(model: nn.Module, ids: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
+    """The summed negative log-likelihood (float64) of every next token of windows `ids`."""
+    hidden = hidden_states(model, ids)[:, :-1].flatten(0, 1)
+    return -token_logprobs(model, hidden, ids[:, 1:].reshape(-1), chunks).sum(dtype=torch.float64)
+
+
+class WindowLoss(nn.Module):
+    """`nll_sum` of a batch of windows as one module call, with a fixed number of chunks.
+
+    Under ZeRO-3 it is the DeepSpeed engine's top module, so every call is one step, and
+    the fixed chunk count makes every rank run the same module calls in the same order.
+    """
+
+    def __init__(self, model: nn.Module, chunks: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunks = chunks
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nll_sum(self.model, ids, self.chunks)
+
+
+def perplexity_metrics(nll_total: float, windows: torch.Tensor) -> dict[str, float]:
+    """`perplexity`, `nll` (mean per token) and `tokens` from the loss sum over `windows`."""
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    nll = nll_total / tokens
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens}
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
@@ -90,9 +127,5 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> 
     total = torch.zeros((), dtype=torch.float64, device=device)
     with torch.inference_mode():
         for batch in windows.split(batch_size):
-            ids = batch.to(device, non_blocking=True)
-            hidden = hidden_states(model, ids)[:, :-1].flatten(0, 1)
-            total -= token_logprobs(model, hidden, ids[:, 1:].reshape(-1)).sum(dtype=torch.float64)
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
-    nll = total.item() / tokens
-    return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens}
+            total += nll_sum(model, batch.to(device, non_blocking=True))
+    return perplexity_metrics(total.item(), windows)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MethodType
 from typing import Any, Iterator
@@ -97,12 +98,25 @@ def _norms(model: nn.Module, a: Adapter, layers: nn.ModuleList) -> list[nn.Modul
     return norms
 
 
+@dataclass(frozen=True)
+class InputSlices:
+    """The part of the query-head outputs (`num_heads * head_dim`) and of the MLP neurons
+    that a model's `o_proj` and `down_proj` read: all of them, or, under tensor
+    parallelism, one rank's contiguous slice."""
+
+    heads: slice = field(default_factory=lambda: slice(None))
+    neurons: slice = field(default_factory=lambda: slice(None))
+
+
 @contextmanager
-def apply_masks(model: nn.Module, subnet: SubnetConfig) -> Iterator[nn.Module]:
+def apply_masks(model: nn.Module, subnet: SubnetConfig,
+                slices: InputSlices | None = None) -> Iterator[nn.Module]:
     """Make the resident model compute `subnet` exactly; restore it on exit.
 
     No weight is copied: hooks scale the inputs of `o_proj`/`down_proj`, removed layers get
-    an identity forward, and the norms average over the kept embedding channels.
+    an identity forward, and the norms average over the kept embedding channels. On a
+    tensor-parallel rank, `slices` cuts the head and neuron masks to what its `o_proj` and
+    `down_proj` read; layers and embedding channels are not split and mask the same way.
     """
     d = ModelDims.from_config(model.config)
     subnet.validate(d)
@@ -110,27 +124,29 @@ def apply_masks(model: nn.Module, subnet: SubnetConfig) -> Iterator[nn.Module]:
     layers = model.get_submodule(a.layers)
     kept = dict(zip(subnet.layers, zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp)))
     like = next(model.parameters())
+    slices = slices or InputSlices()
     with ExitStack() as stack:
         for i, layer in enumerate(layers):
             if i not in kept:
                 stack.enter_context(_patched_forward(layer, _identity_layer))
                 continue
-            _mask_layer(stack, layer, a, d, kept[i], like)
+            _mask_layer(stack, layer, a, d, kept[i], like, slices)
         if subnet.embed < d.hidden_size:
             _mask_channels(stack, model, a, layers, subnet.embed)
         yield model
 
 
 def _mask_layer(stack: ExitStack, layer: nn.Module, a: Adapter, d: ModelDims,
-                widths: tuple[int, int, int], like: torch.Tensor) -> None:
+                widths: tuple[int, int, int], like: torch.Tensor, slices: InputSlices) -> None:
     kv, q, m = widths
     attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
     if (kv, q) != (d.num_kv_heads, d.q_per_kv):
+        mask = _head_mask(d, kv, q, like)[slices.heads]
         o_proj = attn.get_submodule(a.o)
-        stack.enter_context(_hook(o_proj.register_forward_pre_hook(_scale_input(_head_mask(d, kv, q, like)))))
+        stack.enter_context(_hook(o_proj.register_forward_pre_hook(_scale_input(mask))))
     if m != d.intermediate_size:
+        mask = _prefix_mask(d.intermediate_size, m, like)[slices.neurons]
         down = mlp.get_submodule(a.down)
-        mask = _prefix_mask(d.intermediate_size, m, like)
         stack.enter_context(_hook(down.register_forward_pre_hook(_scale_input(mask))))
 
 

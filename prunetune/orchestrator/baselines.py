@@ -55,9 +55,6 @@ def check_baseline(name: str) -> str:
     return name
 
 
-def _dims(model_config: Any) -> ModelDims:
-    return model_config if isinstance(model_config, ModelDims) else ModelDims.from_config(model_config)
-
 
 def uniform_subnet(model_config: Any, ratio: float, neuron_step: int = 1,
                    embed_step: int = 1) -> SubnetConfig:
@@ -66,7 +63,7 @@ def uniform_subnet(model_config: Any, ratio: float, neuron_step: int = 1,
     Heads are pruned in the search spaces' unit: whole query groups under grouped-query
     attention, query heads when there is a single key/value head.
     """
-    d = _dims(model_config)
+    d = ModelDims.of(model_config)
     n = d.num_layers
     if d.num_kv_heads > 1:
         kv, q = scaled_width(ratio, d.num_kv_heads, 1), d.q_per_kv
@@ -79,7 +76,7 @@ def uniform_subnet(model_config: Any, ratio: float, neuron_step: int = 1,
 
 def mlp_only_subnet(model_config: Any, ratio: float, neuron_step: int = 1) -> SubnetConfig:
     """Every layer, head and channel kept; each MLP `ratio` of its neurons (rounded half up)."""
-    dense = SubnetConfig.dense(_dims(model_config))
+    dense = SubnetConfig.dense(ModelDims.of(model_config))
     mlp = scaled_width(ratio, dense.mlp[0], neuron_step)
     return SubnetConfig(dense.layers, dense.kv_heads, dense.q_per_kv, (mlp,) * len(dense.layers),
                         dense.embed)
@@ -87,7 +84,7 @@ def mlp_only_subnet(model_config: Any, ratio: float, neuron_step: int = 1) -> Su
 
 def layer_drop_subnet(model_config: Any, layer_order: Sequence[int], depth: int) -> SubnetConfig:
     """The `depth` layers first in `layer_order` (most influential first), dense widths."""
-    d = _dims(model_config)
+    d = ModelDims.of(model_config)
     if not 1 <= depth <= d.num_layers:
         raise ValueError(f"depth = {depth} must be in [1, num_layers = {d.num_layers}]")
     if sorted(layer_order) != list(range(d.num_layers)):
@@ -106,7 +103,7 @@ def baseline_family(name: str, model_config: Any, layer_order: Sequence[int] | N
     model's own order. Steps round the uniform widths as a search space does.
     """
     check_baseline(name)
-    d = _dims(model_config)
+    d = ModelDims.of(model_config)
     if name == "layer-drop":
         order = list(range(d.num_layers)) if layer_order is None else list(layer_order)
         members = [layer_drop_subnet(d, order, k) for k in range(d.num_layers, 0, -1)]

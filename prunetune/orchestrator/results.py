@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import prunetune
+from prunetune.metrics import COST_METRICS
 from prunetune.search_spaces.cost import subnet_cost
 from prunetune.search_spaces.subnet import SubnetConfig
 
@@ -35,7 +36,6 @@ STATUSES = ("ok", "failed", "infeasible")
 SCHEMA_METADATA_KEY = b"prunetune.schema"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
-COST_COLUMNS = ("params", "flops", "kv_bytes_per_token")
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -180,7 +180,7 @@ def make_row(
         "q_heads": sum(kv * q for kv, q in zip(subnet.kv_heads, subnet.q_per_kv)),
         "mlp": sum(subnet.mlp),
         "embed": subnet.embed,
-        **{name: cost[name] for name in COST_COLUMNS},
+        **{name: cost[name] for name in COST_METRICS},
         "status": status,
         "error": error,
         "evaluator_id": evaluator_id,

@@ -27,8 +27,8 @@ import yaml
 from ray import tune
 
 from prunetune.cluster.connect import code_runtime_env, connect, storage_uri
-from prunetune.evaluators.evaluator import Evaluator, EvaluatorSettings
-from prunetune.evaluators.latency import LatencySettings
+from prunetune.evaluators.evaluator import Evaluator
+from prunetune.evaluators.settings import EvaluatorSettings, LatencySettings
 from prunetune.orchestrator.algorithms import DENSE_TRIAL, GuardedSearcher, make_algorithm
 from prunetune.orchestrator.spec import Constraint, Spec, load_spec
 from prunetune.orchestrator.pareto import hypervolume, objective_matrix, pareto_front, plot_front, write_front
@@ -322,7 +322,8 @@ def evaluator_class_for(spec: Spec) -> type:
     r = spec.resources
     if r.sharding == "none":
         return Evaluator
-    from prunetune.evaluators.sharded import ShardingSettings, sharded_evaluator_class
+    from prunetune.evaluators.settings import ShardingSettings
+    from prunetune.evaluators.sharded.group import sharded_evaluator_class
 
     return sharded_evaluator_class(ShardingSettings(ranks=r.gpus_per_evaluator, mode=r.sharding,
                                                     offload=r.offload))

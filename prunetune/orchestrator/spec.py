@@ -23,16 +23,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from pydantic import SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
+from prunetune.metrics import (
+    ACCURACY_AVERAGE, COST_METRICS, LATENCY_METRICS, MEMORY_METRIC, PERPLEXITY_METRICS, task_of,
+)
 from prunetune.search_spaces.spaces import preset_bounds
 
-COST_METRICS = ("params", "flops", "kv_bytes_per_token")
-"""Metrics computed from the model config alone: constraints on them are checked before
-a sub-network is evaluated."""
-
-ALWAYS_PRODUCED = ("perplexity", "nll", *COST_METRICS, "peak_memory_bytes")
-LATENCY_METRICS = ("latency_prefill_ms", "latency_decode_ms")
+ALWAYS_PRODUCED = (*PERPLEXITY_METRICS, *COST_METRICS, MEMORY_METRIC)
 KNOWN_METRICS = (
-    *ALWAYS_PRODUCED, "acc_<task>", "acc_norm_<task>", "acc_avg", *LATENCY_METRICS,
+    *ALWAYS_PRODUCED, "acc_<task>", "acc_norm_<task>", ACCURACY_AVERAGE, *LATENCY_METRICS,
 )
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -196,21 +194,14 @@ class EvaluationSpec(_Section):
             return None
         if metric in LATENCY_METRICS:
             return None if self.latency.enabled else "needs evaluation.latency.enabled: true"
-        if metric == "acc_avg":
+        if metric == ACCURACY_AVERAGE:
             return None if self.tasks else "needs at least one task in evaluation.tasks"
-        task = _task_of(metric)
+        task = task_of(metric)
         if task is None:
             return f"unknown metric; known metrics are {', '.join(KNOWN_METRICS)}"
         if task not in self.tasks:
             return f"needs task {task!r} in evaluation.tasks (now {self.tasks})"
         return None
-
-
-def _task_of(metric: str) -> str | None:
-    for prefix in ("acc_norm_", "acc_"):
-        if metric.startswith(prefix) and len(metric) > len(prefix):
-            return metric[len(prefix):]
-    return None
 
 
 class ResourcesSpec(_Section):

@@ -13,9 +13,6 @@ from prunetune.search_spaces.dims import ModelDims
 from prunetune.search_spaces.subnet import SubnetConfig
 
 
-def _dims(model_config: Any) -> ModelDims:
-    return model_config if isinstance(model_config, ModelDims) else ModelDims.from_config(model_config)
-
 
 def _layer_matmul_params(d: ModelDims, e: int, kv: int, q: int, m: int) -> int:
     """Weights of one decoder layer that take part in matrix products."""
@@ -43,7 +40,7 @@ def _layers(subnet: SubnetConfig) -> zip:
 
 def count_params(model_config: Any, subnet: SubnetConfig) -> int:
     """Parameters of the extracted sub-network, exactly."""
-    d = _dims(model_config)
+    d = ModelDims.of(model_config)
     e = subnet.embed
     total = d.vocab_size * e + e  # embedding + final norm
     if not d.tie_word_embeddings:
@@ -55,7 +52,7 @@ def count_params(model_config: Any, subnet: SubnetConfig) -> int:
 
 def forward_flops(model_config: Any, subnet: SubnetConfig, seq_len: int) -> int:
     """FLOPs of one forward pass over one sequence of `seq_len` tokens (with the LM head)."""
-    d = _dims(model_config)
+    d = ModelDims.of(model_config)
     e = subnet.embed
     flops = 2 * seq_len * d.vocab_size * e  # LM head
     for kv, q, m in _layers(subnet):
@@ -66,20 +63,41 @@ def forward_flops(model_config: Any, subnet: SubnetConfig, seq_len: int) -> int:
 
 def kv_cache_bytes_per_token(model_config: Any, subnet: SubnetConfig, dtype_bytes: int = 2) -> int:
     """Bytes of key and value cache one token occupies across all kept layers."""
-    d = _dims(model_config)
+    d = ModelDims.of(model_config)
     return sum(2 * kv * d.head_dim * dtype_bytes for kv in subnet.kv_heads)
+
+
+LOSS_BYTES_PER_LOGIT = 8
+"""Bytes per logit element beyond the model's dtype: the float32 copy and the float32
+log-softmax of the cross-entropy loss."""
+
+
+def logits_working_bytes(model_config: Any, seq_len: int, batch_size: int, dtype_bytes: int) -> int:
+    """Logits in the model's dtype, their float32 copy and float32 log-softmax at the loss."""
+    return batch_size * seq_len * ModelDims.of(model_config).vocab_size * (dtype_bytes + LOSS_BYTES_PER_LOGIT)
+
+
+def activation_working_bytes(model_config: Any, subnet: SubnetConfig, seq_len: int,
+                             batch_size: int, dtype_bytes: int) -> int:
+    """The widest point of a kept decoder layer's forward pass without gradients.
+
+    Three MLP-wide tensors (gate activation, up projection, product) and three
+    residual-wide ones (residual stream, normalised copy, layer input). Attention runs
+    through fused SDPA, which never holds the seq_len x seq_len score matrix.
+    """
+    width = max((3 * m for m in subnet.mlp), default=0) + 3 * subnet.embed
+    return batch_size * seq_len * width * dtype_bytes
 
 
 def peak_memory_bytes(model_config: Any, subnet: SubnetConfig, seq_len: int, batch_size: int = 1,
                       dtype_bytes: int = 2) -> int:
-    """Memory one evaluation batch needs at its peak: weights, the widest layer's
-    activations, and the logits with their float32 copy for the loss."""
-    d = _dims(model_config)
-    e, tokens = subnet.embed, batch_size * seq_len
-    widest = max(4 * e + kv * (q + 2) * d.head_dim + 3 * m for kv, q, m in _layers(subnet))
-    activations = tokens * widest * dtype_bytes
-    logits = tokens * d.vocab_size * (dtype_bytes + 4)
-    return count_params(d, subnet) * dtype_bytes + activations + logits
+    """Memory one evaluation batch needs at its peak: weights, the widest kept layer's
+    activations, and the logits with their float32 copies for the loss. The same model
+    `prunetune.cluster.plan` sizes evaluator groups with (checked on H100 and H200)."""
+    d = ModelDims.of(model_config)
+    return (count_params(d, subnet) * dtype_bytes
+            + activation_working_bytes(d, subnet, seq_len, batch_size, dtype_bytes)
+            + logits_working_bytes(d, seq_len, batch_size, dtype_bytes))
 
 
 def subnet_cost(model_config: Any, subnet: SubnetConfig, seq_len: int = 2048, dtype_bytes: int = 2,

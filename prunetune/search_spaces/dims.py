@@ -36,6 +36,11 @@ class ModelDims:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
+    def of(cls, model_config: Any) -> "ModelDims":
+        """`model_config` itself if it is already a `ModelDims`, else read from the config."""
+        return model_config if isinstance(model_config, cls) else cls.from_config(model_config)
+
+    @classmethod
     def from_config(cls, config: Any) -> "ModelDims":
         """Read a Hugging Face config object (or a plain mapping of its fields)."""
         get = _getter(config)

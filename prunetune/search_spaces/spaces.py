@@ -48,11 +48,6 @@ _FLOAT_TOLERANCE = 1e-9
 Rng = random.Random | np.random.Generator
 
 
-def _dims(model_config: Any) -> ModelDims:
-    if isinstance(model_config, ModelDims):
-        return model_config
-    return ModelDims.from_config(model_config)
-
 
 def default_step(size: int) -> int:
     """The width step used when none is given: 64, halved until the grid has 8 points.
@@ -135,7 +130,7 @@ class SearchSpace(ABC):
         min_layers: int | None = None,
         layer_order: Sequence[int] | None = None,
     ) -> None:
-        self.dims = _dims(model_config)
+        self.dims = ModelDims.of(model_config)
         n = self.dims.num_layers
         self.min_layers = self._check_min_layers(min_layers, n)
         self.layer_order = self._check_layer_order(layer_order, n)
@@ -329,7 +324,7 @@ class UniformSpace(SearchSpace):
         neuron_step: int | None = None,
         embed_step: int | None = None,
     ) -> None:
-        dims = _dims(model_config)
+        dims = ModelDims.of(model_config)
         self._set_width_bounds(dims, min_ratio, neuron_step, embed_step)
         self.ratio_step = self._check_ratio("ratio_step", ratio_step)
         super().__init__(dims, min_layers=min_layers, layer_order=layer_order)
@@ -382,7 +377,7 @@ class PerLayerSpace(SearchSpace):
         neuron_step: int | None = None,
         embed_step: int | None = None,
     ) -> None:
-        dims = _dims(model_config)
+        dims = ModelDims.of(model_config)
         self._set_width_bounds(dims, min_ratio, neuron_step, embed_step)
         super().__init__(dims, min_layers=min_layers, layer_order=layer_order)
 

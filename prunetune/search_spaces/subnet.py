@@ -41,7 +41,7 @@ class SubnetConfig:
     @classmethod
     def dense(cls, model_config: Any) -> "SubnetConfig":
         """The whole model, nothing removed."""
-        d = _dims(model_config)
+        d = ModelDims.of(model_config)
         n = d.num_layers
         return cls(
             layers=tuple(range(n)),
@@ -88,7 +88,7 @@ class SubnetConfig:
 
     def validate(self, model_config: Any) -> "SubnetConfig":
         """Raise ValueError naming the field and its bound if this does not fit the model."""
-        d = _dims(model_config)
+        d = ModelDims.of(model_config)
         n = len(self.layers)
         if n == 0:
             raise ValueError("layers: at least 1 layer must be kept, got none")
@@ -113,6 +113,3 @@ class SubnetConfig:
             raise ValueError(f"embed = {self.embed}: must be in [1, {d.hidden_size}]")
         return self
 
-
-def _dims(model_config: Any) -> ModelDims:
-    return model_config if isinstance(model_config, ModelDims) else ModelDims.from_config(model_config)

@@ -1,0 +1,77 @@
+"""What an evaluator loads and measures: the one home of every evaluation default.
+
+The spec's `evaluation` and `evaluation.latency` sections take their defaults from these
+dataclasses, so a default is written once. Nothing here imports torch: the spec is
+validated before any model library is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """What to time: prompt length, decoded tokens, batch, and how often."""
+
+    prompt_tokens: int = 128
+    decode_tokens: int = 16
+    batch_size: int = 1
+    repeats: int = 5
+    warmup: int = 2
+
+
+@dataclass(frozen=True)
+class EvaluatorSettings:
+    """Everything an evaluator needs to know before its first evaluation."""
+
+    model: str = "smollm2"
+    dtype: str = "float32"
+    device: str = "auto"
+    data: str = "wikitext2"
+    seq_len: int = 256
+    windows: int = 8
+    batch_size: int = 4
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = 100
+    mode: str = "extracted"
+    importance: str = "activation"
+    calibration: str = "wikitext2:valid"
+    calibration_samples: int = 8
+    latency: LatencySettings = field(default_factory=LatencySettings)
+
+
+DEFAULTS = EvaluatorSettings()
+"""The default settings, which the spec's defaults read."""
+
+
+SHARDING_MODES = ("zero3", "autotp")
+OFFLOADS = ("none", "cpu")
+
+
+@dataclass(frozen=True)
+class ShardingSettings:
+    """How one evaluator group holds its model: ranks (devices), mode, offload, patience.
+
+    `timeout_s` bounds one evaluation and every collective operation of the group.
+    """
+
+    ranks: int = 2
+    mode: str = "zero3"
+    offload: str = "none"
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.ranks < 1:
+            raise ValueError(f"sharding.ranks must be at least 1, got {self.ranks}")
+        if self.mode not in SHARDING_MODES:
+            raise ValueError(f"sharding.mode must be one of {', '.join(SHARDING_MODES)}, "
+                             f"got {self.mode!r}")
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"sharding.offload must be one of {', '.join(OFFLOADS)}, "
+                             f"got {self.offload!r}")
+        if self.offload != "none" and self.mode != "zero3":
+            raise ValueError(f"sharding.offload {self.offload!r} needs mode 'zero3' "
+                             f"(AutoTP keeps every slice on its device), got {self.mode!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"sharding.timeout_s must be positive, got {self.timeout_s}")
