@@ -3,8 +3,11 @@
 Each layout runs `prunetune`'s own search (random proposals over the `uniform` space, masks,
 perplexity and params as objectives) on a model given by its `config.json` alone, so the
 weights are random and built on the GPUs directly. For each layout it prints the time to
-build the evaluators, evaluations per hour, tokens scored per second per GPU and the
-share of a plain forward's rate (`2 * params` FLOPs per token) that this is.
+build the evaluators, evaluations per hour, tokens scored per second per GPU, and two
+FLOP rates per GPU: the FLOPs the sub-networks need (`search_spaces.cost.forward_flops` of
+each evaluated sub-network), and the FLOPs masked evaluation executes, which is more:
+masks skip removed layers, but run every kept layer at full width (removed heads, neurons
+and channels are computed, then zeroed).
 
     python benchmarks/sharded.py --model tests/fixtures/configs/llama3-70b.json \\
         --layout zero3:2x1 --trials 20 --windows 64
@@ -28,7 +31,8 @@ import pandas as pd
 
 from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.search import run_search
-from prunetune.search_spaces.cost import count_params
+from prunetune.orchestrator.results import DENSE_TRIAL
+from prunetune.search_spaces.cost import count_params, forward_flops
 from prunetune.search_spaces.subnet import SubnetConfig
 
 
@@ -71,6 +75,14 @@ def spec_for(args: argparse.Namespace, layout: Layout, run_dir: Path):
     })
 
 
+def masked_work(config: dict, subnet: SubnetConfig) -> SubnetConfig:
+    """What masked evaluation of `subnet` computes: its kept layers, at full width."""
+    dense = SubnetConfig.dense(config)
+    n = subnet.num_layers
+    return SubnetConfig(subnet.layers, dense.kv_heads[:n], dense.q_per_kv[:n], dense.mlp[:n],
+                        dense.embed)
+
+
 def run_layout(args: argparse.Namespace, layout: Layout) -> dict:
     """One search in this layout, and its throughput figures."""
     import ray
@@ -84,7 +96,7 @@ def run_layout(args: argparse.Namespace, layout: Layout) -> dict:
     log = pd.read_parquet(run_dir / "results")
     record = json.loads((run_dir / "run.json").read_text())
     config = record["model_config"]
-    ok = log[log["status"] == "ok"]
+    ok = log[(log["status"] == "ok") & (log["trial_id"] != DENSE_TRIAL)]
     search_seconds = outcome.summary["seconds"]
     gpus = layout.gpus * layout.evaluators
     devices = max(gpus, layout.evaluators)
@@ -92,6 +104,11 @@ def run_layout(args: argparse.Namespace, layout: Layout) -> dict:
     mean_params = float(ok["params"].mean()) if len(ok) else 0.0
     tokens_per_gpu = tokens / search_seconds / devices
     dense_params = count_params(config, SubnetConfig.dense(config))
+    subnets = [SubnetConfig.from_json(text) for text in ok["config_json"]]
+    needed = sum(forward_flops(config, s, args.seq_len) for s in subnets) * args.windows
+    executed = sum(forward_flops(config, masked_work(config, s), args.seq_len)
+                   for s in subnets) * args.windows
+    per_gpu_second = search_seconds * devices * 1e12
     return {
         "layout": str(layout), "gpus": gpus, "trials": len(log) - 1, "failed": int((log["status"] != "ok").sum()),
         "build_seconds": max(e["load_seconds"] for e in record["evaluators"]),
@@ -99,7 +116,8 @@ def run_layout(args: argparse.Namespace, layout: Layout) -> dict:
         "evaluations_per_hour": (len(log) - 1) / search_seconds * 3600,
         "median_eval_seconds": float(ok["eval_seconds"].median()),
         "tokens_per_s_per_gpu": tokens_per_gpu,
-        "dense_tflops_per_gpu": 2 * dense_params * tokens_per_gpu / 1e12,
+        "subnet_tflops_per_gpu": needed / per_gpu_second,
+        "executed_tflops_per_gpu": executed / per_gpu_second,
         "mean_params_fraction": mean_params / dense_params,
         "windows": args.windows, "seq_len": args.seq_len, "batch": args.batch,
     }
@@ -124,12 +142,13 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         if args.out:
             args.out.write_text(json.dumps(rows, indent=2))
-    print(f"\n| layout | GPUs | build s | evals/h | median eval s | tokens/s/GPU | dense-equiv. TFLOP/s/GPU |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| layout | GPUs | build s | evals/h | median eval s | tokens/s/GPU | "
+          "sub-network TFLOP/s/GPU | executed (masked) TFLOP/s/GPU |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layout']} | {r['gpus']} | {r['build_seconds']:.0f} | {r['evaluations_per_hour']:.0f} | "
               f"{r['median_eval_seconds']:.1f} | {r['tokens_per_s_per_gpu']:,.0f} | "
-              f"{r['dense_tflops_per_gpu']:.0f} |")
+              f"{r['subnet_tflops_per_gpu']:.0f} | {r['executed_tflops_per_gpu']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -83,3 +83,28 @@ def test_every_command_has_help() -> None:
         out = subprocess.run([sys.executable, "-m", "prunetune.orchestrator.cli", command, "--help"],
                              capture_output=True, text=True, check=True).stdout
         assert out.startswith(f"usage: prunetune {command}")
+
+
+def _search_output(root, extra: list[str]) -> subprocess.CompletedProcess:
+    """`prunetune search` of the tiny model's spec in a fresh process, as a user runs it."""
+    spec = (root / "spec.yaml").read_text().replace(str(root / "run"), str(root / f"run{len(extra)}"))
+    (root / "again.yaml").write_text(spec.replace("num_samples: 5", "num_samples: 2"))
+    return subprocess.run([sys.executable, "-m", "prunetune.orchestrator.cli", "search",
+                           str(root / "again.yaml"), *extra],
+                          capture_output=True, text=True, timeout=600, check=True)
+
+
+@pytest.mark.slow
+def test_the_console_shows_prunetune_only_and_the_rest_goes_to_the_log(tiny_run) -> None:
+    done = _search_output(tiny_run, [])
+    shown = done.stdout + done.stderr
+    for line in ("loading ", "loaded in ", "dense: perplexity", "searching 2 sub-networks",
+                 "front: ", "log: "):
+        assert line in shown
+    for noise in ("Ray", "ray.", "Tune", "WARNING", "INFO", "Traceback"):
+        assert noise not in shown, noise
+    log = (tiny_run / "run0" / "prunetune.log").read_text()
+    assert "Ray" in log
+    verbose = _search_output(tiny_run, ["--verbose"])
+    assert "Ray" in verbose.stdout + verbose.stderr
+    assert not (tiny_run / "run1" / "prunetune.log").exists()

@@ -234,7 +234,8 @@ def test_auto_gpus_take_the_planned_groups_of_the_connected_cluster(monkeypatch)
     import prunetune.cluster.plan as plan_module
     from prunetune.evaluators.sharded.group import ShardedEvaluatorGroup
     from prunetune.orchestrator.spec import load_spec
-    from prunetune.orchestrator.search import evaluator_class_for, plan_resources
+    from prunetune.orchestrator.pool import evaluator_class_for
+    from prunetune.orchestrator.search import plan_resources
 
     model = str(CONFIGS / "llama3-70b.json")
     spec = load_spec({"model": model, "dtype": "bfloat16",

@@ -18,11 +18,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from ray.tune.search import Searcher
 
+from prunetune.orchestrator.results import DENSE_TRIAL, ResultLog
 from prunetune.search_spaces.spaces import SearchSpace
 from prunetune.search_spaces.subnet import SubnetConfig
 
 ALGORITHMS = ("random", "nsga2", "local")
-DENSE_TRIAL = "dense"
 MAX_PROPOSALS = 200
 NEIGHBOUR_TRIES = 50
 
@@ -183,20 +183,15 @@ class GuardedSearcher(Searcher):
         self.running: dict[str, tuple[str, str | None]] = {}
         self.asks = 0
         self.skipped = {"known": 0, "running": 0, "infeasible": 0}
-        self.results = self._logged_results()
-
-    def _logged_results(self) -> dict[str, dict[str, Any]]:
-        from prunetune.orchestrator.results import ResultLog
-
-        rows = ResultLog(self.run_dir).table().to_pylist()
-        return {row["config_hash"]: row for row in rows}
+        self.log = ResultLog(run_dir)
+        self.log.known()
 
     def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
         return True
 
     def spent(self) -> int:
         """Trials that count against the budget: logged (the dense reference aside) or running."""
-        logged = sum(r.get("trial_id") != DENSE_TRIAL for r in self.results.values())
+        logged = sum(r.get("trial_id") != DENSE_TRIAL for r in self.log.known(refresh=False).values())
         return logged + len(self.running)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
@@ -209,7 +204,7 @@ class GuardedSearcher(Searcher):
                 return config
             subnet = self.space.decode(config)
             digest = subnet.config_hash()
-            stored = self.results.get(digest)
+            stored = self.log.lookup(digest, refresh=False)
             if stored is not None or digest in running_hashes or not self.feasible(subnet):
                 self._refuse(inner_id, stored, digest in running_hashes)
                 continue
@@ -235,16 +230,17 @@ class GuardedSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         digest, inner_id = self.running.pop(trial_id, (None, None))
         if digest is not None and result and not error:
-            self.results[digest] = result
+            self.log.remember({**result, "config_hash": digest})
         if inner_id is not None:
             self._tell(inner_id, None if error else result)
 
     def save(self, checkpoint_path: str) -> None:
-        state = {k: v for k, v in self.__dict__.items() if k != "results"}
+        state = {k: v for k, v in self.__dict__.items() if k != "log"}
         with open(checkpoint_path, "wb") as f:
             pickle.dump(state, f)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
-        self.results = self._logged_results()
+        self.log = ResultLog(self.run_dir)
+        self.log.known()

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pandas as pd
 
+from prunetune.orchestrator.console import LOG_FILE, quiet_output
 from prunetune.orchestrator.spec import Spec, SpecError, default_spec, load_spec
 
 FRONT_COLUMNS = ("config_hash", "num_layers", "q_heads", "mlp", "embed", "params")
+VERBOSE_HELP = (f"show Ray's, Tune's and the libraries' output on the terminal (by default it "
+                f"goes to {LOG_FILE} in the run directory)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,11 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("spec", nargs="?", help="YAML spec file (default: built-in spec)")
     search.add_argument("--run-dir", help="where results go (overrides the spec's run_dir)")
     search.add_argument("--address", help="Ray cluster address (overrides the spec's address)")
+    search.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     resume = sub.add_parser("resume", help="finish a stopped search",
                             description="Finish a search that was stopped: nothing evaluated "
                                         "twice, nothing lost.")
     resume.add_argument("run_dir")
+    resume.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     front = sub.add_parser("front", help="print (and merge, plot) the front of one or more runs",
                            description="The Pareto front of one run, or of several merged.")
@@ -73,7 +80,8 @@ def _search(args: argparse.Namespace) -> int:
     spec = load_spec({**spec.model_dump(mode="json"), **overrides}).with_run_dir()
     if not args.spec:
         data_dir()
-    outcome = run_search(spec)
+    with _output(spec.run_dir, args.verbose):
+        outcome = run_search(spec)
     _print_front(outcome.front, dict(spec.objectives))
     print(f"\n{outcome.rows} results in {outcome.run_dir}/results/")
     print(f"front: {outcome.run_dir}/front.parquet  plot: {outcome.run_dir}/front.png")
@@ -83,15 +91,36 @@ def _search(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from prunetune.orchestrator.search import resume_search
 
-    outcome = resume_search(args.run_dir)
+    with _output(args.run_dir, args.verbose):
+        outcome = resume_search(args.run_dir)
     _print_front(outcome.front, run_objectives(args.run_dir))
     print(f"\nfront: {outcome.run_dir}/front.parquet")
     return 0
 
 
+@contextmanager
+def _output(run_dir: str, verbose: bool) -> Iterator[None]:
+    """The search's output: all on the terminal (`--verbose`), or only prunetune's lines
+    and progress bar there and the rest in the run's log (a local file beside a bucket
+    run directory). Ray is shut down inside, so its exit messages go to the log too."""
+    import ray
+
+    if verbose:
+        yield
+        return
+    log = Path(run_dir) / LOG_FILE if "://" not in run_dir else Path(f"{Path(run_dir).name}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with quiet_output(str(log)):
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    print(f"log: {log}")
+
+
 def run_objectives(run_dir: str) -> dict[str, str]:
     """The objectives of a run, from the spec it saved."""
-    from prunetune.orchestrator.search import run_spec
+    from prunetune.orchestrator.run_record import run_spec
 
     return dict(run_spec(run_dir).objectives)
 
@@ -111,6 +140,7 @@ def merged_front(run_dirs: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame, d
 
 def _front(args: argparse.Namespace) -> int:
     from prunetune.orchestrator.pareto import plot_front, write_front
+    from prunetune.orchestrator.results import DENSE_TRIAL
 
     rows, front, objectives = merged_front(args.run_dirs)
     _print_front(front, objectives)
@@ -118,7 +148,7 @@ def _front(args: argparse.Namespace) -> int:
         write_front(front, args.merge)
         print(f"merged front: {args.merge}")
     if args.plot:
-        dense = rows[(rows["trial_id"] == "dense") & (rows["status"] == "ok")].to_dict("records")
+        dense = rows[(rows["trial_id"] == DENSE_TRIAL) & (rows["status"] == "ok")].to_dict("records")
         plot_front(rows, front, objectives, args.plot, dense=dense[0] if dense else None)
         print(f"plot: {args.plot}")
     return 0
@@ -138,15 +168,15 @@ def _print_front(front: pd.DataFrame, objectives: dict[str, str]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from prunetune.evaluators.evaluator import Evaluator
     from prunetune.evaluators.surgery import save_pruned
-    from prunetune.orchestrator.search import evaluator_settings, run_spec
+    from prunetune.orchestrator.run_record import run_spec
     from prunetune.search_spaces.subnet import SubnetConfig
 
     _, front, _ = merged_front([args.run_dir])
     if not 0 <= args.pick < len(front):
         raise ValueError(f"--pick {args.pick}: the front has rows 0..{len(front) - 1}")
     subnet = SubnetConfig.from_json(front.iloc[args.pick]["config_json"])
-    settings = evaluator_settings(run_spec(args.run_dir))
-    evaluator = Evaluator(type(settings)(**{**settings.__dict__, "device": "cpu", "tasks": ()}))
+    settings = run_spec(args.run_dir).evaluator_settings()
+    evaluator = Evaluator(replace(settings, device="cpu", tasks=()))
     out = save_pruned(evaluator.model, subnet, args.out)
     evaluator.tokenizer.save_pretrained(out)
     print(f"wrote {out} ({front.iloc[args.pick]['params']:,} parameters): "

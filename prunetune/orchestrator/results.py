@@ -33,6 +33,8 @@ from prunetune.search_spaces.cost import subnet_cost
 from prunetune.search_spaces.subnet import SubnetConfig
 
 STATUSES = ("ok", "failed", "infeasible")
+DENSE_TRIAL = "dense"
+"""The trial id of the dense model's row: the reference of relative constraints and plots."""
 SCHEMA_METADATA_KEY = b"prunetune.schema"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
@@ -219,7 +221,8 @@ def _is_number(value: Any) -> bool:
 
 
 class ResultLog:
-    """The append-only result log of one run directory (local path or URI)."""
+    """The append-only result log of one run directory (local path or URI), and the one
+    cache of its rows by config hash: what makes every configuration evaluated once."""
 
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
@@ -227,6 +230,7 @@ class ResultLog:
         self._dir = posixpath.join(root, "results")
         self._seen: set[str] = set()
         self._cached = RESULT_SCHEMA.empty_table()
+        self._by_hash: dict[str, dict[str, Any]] = {}
 
     @property
     def results_dir(self) -> str:
@@ -244,6 +248,8 @@ class ResultLog:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         path = posixpath.join(self._dir, f"{PART_PREFIX}{stamp}-{uuid.uuid4().hex}{PART_SUFFIX}")
         atomic_write(self._fs, path, table_bytes(table))
+        for row in rows:
+            self.remember(row)
         return path
 
     def parts(self) -> list[str]:
@@ -274,6 +280,8 @@ class ResultLog:
             merged = pa.concat_tables([self._cached, fresh], promote_options="default")
             self._cached = merged.combine_chunks()
             self._seen.update(new)
+            for row in fresh.to_pylist():
+                self.remember(row)
         return self._cached
 
     def read(self) -> pd.DataFrame:
@@ -284,18 +292,35 @@ class ResultLog:
         """Config hashes of every finished trial (ok, failed or infeasible): the cache keys."""
         return set(self.table(columns=["config_hash"]).column("config_hash").to_pylist())
 
-    def lookup(self, config_hash: str) -> dict[str, Any] | None:
+    def lookup(self, config_hash: str, refresh: bool = True) -> dict[str, Any] | None:
         """The stored row of a config, so a cached trial reports the same metrics.
 
         Prefers an ok row, then the latest finished one. Metrics the row's run did not
-        measure are left out; a measured NaN is kept.
+        measure are left out; a measured NaN is kept. `refresh=False` answers from the rows
+        this log has read or written so far, without listing the folder again (for the
+        single writer of a run, which knows every row).
         """
-        table = self.table(filter=pc.field("config_hash") == config_hash)
-        if table.num_rows == 0:
-            return None
-        rows = table.to_pylist()
-        best = max(rows, key=lambda r: (r["status"] == "ok", r["finished_at"] or _EPOCH))
-        return {k: v for k, v in best.items() if k in FIXED_COLUMNS or v is not None}
+        if refresh:
+            self._refresh()
+        return self._by_hash.get(config_hash)
+
+    def remember(self, row: Mapping[str, Any]) -> None:
+        """Take a row that is in the log into the cache (appends and reads do this)."""
+        row = {k: v for k, v in row.items() if k in FIXED_COLUMNS or v is not None}
+        known = self._by_hash.get(row["config_hash"])
+        if known is None or _preference(row) >= _preference(known):
+            self._by_hash[row["config_hash"]] = row
+
+    def known(self, refresh: bool = True) -> Mapping[str, dict[str, Any]]:
+        """The preferred row of every logged config, by config hash."""
+        if refresh:
+            self._refresh()
+        return self._by_hash
+
+
+def _preference(row: Mapping[str, Any]) -> tuple[bool, datetime]:
+    """Which of two rows of a config a lookup answers with: ok first, then the latest."""
+    return row.get("status") == "ok", row.get("finished_at") or _EPOCH
 
 
 def _check_row(index: int, row: Mapping[str, Any]) -> None:

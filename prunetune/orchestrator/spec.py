@@ -23,6 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from pydantic import SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
+from prunetune.evaluators.settings import DEFAULTS, EvaluatorSettings, LatencySettings
 from prunetune.metrics import (
     ACCURACY_AVERAGE, COST_METRICS, LATENCY_METRICS, MEMORY_METRIC, PERPLEXITY_METRICS, task_of,
 )
@@ -32,6 +33,8 @@ ALWAYS_PRODUCED = (*PERPLEXITY_METRICS, *COST_METRICS, MEMORY_METRIC)
 KNOWN_METRICS = (
     *ALWAYS_PRODUCED, "acc_<task>", "acc_norm_<task>", ACCURACY_AVERAGE, *LATENCY_METRICS,
 )
+
+_LATENCY = DEFAULTS.latency
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt,
@@ -166,26 +169,26 @@ class LatencySpec(_Section):
     """Measured prefill and decode latency on the evaluator's device."""
 
     enabled: bool = False
-    prompt_tokens: int = Field(128, ge=1)
-    decode_tokens: int = Field(16, ge=1)
-    batch_size: int = Field(1, ge=1)
-    repeats: int = Field(5, ge=1)
-    warmup: int = Field(2, ge=0)
+    prompt_tokens: int = Field(_LATENCY.prompt_tokens, ge=1)
+    decode_tokens: int = Field(_LATENCY.decode_tokens, ge=1)
+    batch_size: int = Field(_LATENCY.batch_size, ge=1)
+    repeats: int = Field(_LATENCY.repeats, ge=1)
+    warmup: int = Field(_LATENCY.warmup, ge=0)
 
 
 class EvaluationSpec(_Section):
     """How one sub-network is measured, and the calibration data of importance scores."""
 
-    data: str = Field("wikitext2", min_length=1)
-    calibration: str = Field("wikitext2:valid", min_length=1)
-    calibration_samples: int = Field(8, ge=1)
-    seq_len: int = Field(256, gt=0)
-    windows: int = Field(8, ge=1)
-    batch_size: int = Field(4, ge=1)
-    tasks: list[str] = []
-    task_limit: int | None = Field(100, ge=1)
-    mode: Literal["extracted", "masked"] = "extracted"
-    importance: Literal["activation", "magnitude", "none"] = "activation"
+    data: str = Field(DEFAULTS.data, min_length=1)
+    calibration: str = Field(DEFAULTS.calibration, min_length=1)
+    calibration_samples: int = Field(DEFAULTS.calibration_samples, ge=1)
+    seq_len: int = Field(DEFAULTS.seq_len, gt=0)
+    windows: int = Field(DEFAULTS.windows, ge=1)
+    batch_size: int = Field(DEFAULTS.batch_size, ge=1)
+    tasks: list[str] = list(DEFAULTS.tasks)
+    task_limit: int | None = Field(DEFAULTS.task_limit, ge=1)
+    mode: Literal["extracted", "masked"] = DEFAULTS.mode
+    importance: Literal["activation", "magnitude", "none"] = DEFAULTS.importance
     latency: LatencySpec = LatencySpec()
 
     def missing_producer(self, metric: str) -> str | None:
@@ -242,8 +245,8 @@ class Spec(_Section):
     """A whole search. `load_spec` reads one from YAML; `to_yaml` writes it back."""
 
     name: str = Field("search", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    model: str = Field("smollm2", min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    model: str = Field(DEFAULTS.model, min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = DEFAULTS.dtype
     run_dir: str | None = None
     search_space: SearchSpaceSpec = SearchSpaceSpec()
     objectives: dict[str, Literal["min", "max"]] = Field(
@@ -286,6 +289,18 @@ class Spec(_Section):
         """Every metric an objective or constraint names, in order, once each."""
         names = [*self.objectives, *(c.metric for c in self.parsed_constraints())]
         return list(dict.fromkeys(names))
+
+    def evaluator_settings(self) -> EvaluatorSettings:
+        """What each evaluator of this spec loads and measures."""
+        e = self.evaluation
+        return EvaluatorSettings(
+            model=self.model, dtype=self.dtype,
+            device="cpu" if self.resources.gpus_per_evaluator == 0 else "auto",
+            data=e.data, seq_len=e.seq_len, windows=e.windows, batch_size=e.batch_size,
+            tasks=tuple(e.tasks), task_limit=e.task_limit, mode=e.mode, importance=e.importance,
+            calibration=e.calibration, calibration_samples=e.calibration_samples,
+            latency=LatencySettings(**e.latency.model_dump(exclude={"enabled"})),
+        )
 
     def with_run_dir(self, now: datetime | None = None) -> "Spec":
         """This spec with `run_dir` set: unchanged if given, else runs/<name>-<UTC time>."""

@@ -1,0 +1,126 @@
+"""The evaluator pool: the run's evaluators, lent to trials one at a time, and the result log.
+
+Evaluators (Ray actors that hold the model, or sharded groups) are created once per run;
+the pool lends a free one to a trial, replaces one that died or broke, and appends every
+finished trial's row to the result log, which is also the cache that makes every
+configuration evaluated once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import ray
+
+from prunetune.evaluators.evaluator import Evaluator
+from prunetune.evaluators.settings import EvaluatorSettings
+from prunetune.orchestrator.results import ResultLog
+from prunetune.orchestrator.spec import Spec
+
+HEAD = {"node:__internal_head__": 0.001}
+"""Trials and the pool live on the head node, beside the driver: losing a worker node
+then loses evaluators only, which the pool replaces, never the bookkeeping of a trial."""
+NAMESPACE = "prunetune"
+
+
+def _actor_node(actor: Any) -> str:
+    """The node id of the actor this runs in (called inside it with `__ray_call__`)."""
+    return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(num_cpus=0)
+class EvaluatorPool:
+    """Lends the run's evaluators to trials, one trial per evaluator at a time.
+
+    Evaluators are spread over the nodes; a dead evaluator (its node was lost) is replaced
+    by a new one on any node that has room.
+    """
+
+    def __init__(self, evaluator_class: type, settings: EvaluatorSettings, count: int,
+                 options: dict[str, Any], run_dir: str) -> None:
+        self.log = ResultLog(run_dir)
+        self.log.known()
+        self.evaluator_class = evaluator_class
+        self.settings = settings
+        self.options = options
+        self.handles = [self._start(i) for i in range(count)]
+        self.nodes = [h.__ray_call__.remote(_actor_node) for h in self.handles]
+        self.free: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(count):
+            self.free.put_nowait(i)
+        self.replaced = 0
+
+    def _start(self, index: int) -> Any:
+        actor = ray.remote(self.evaluator_class).options(max_restarts=0,
+                                                         scheduling_strategy="SPREAD",
+                                                         **self.options)
+        return actor.remote(self.settings, f"evaluator-{index}")
+
+    async def infos(self) -> list[dict[str, Any]]:
+        """Wait until every evaluator has loaded its model; what each one holds."""
+        return list(await asyncio.gather(*(h.info.remote() for h in self.handles)))
+
+    async def acquire(self) -> tuple[int, Any, str]:
+        """A free evaluator: its index, its handle, and the id of its node (for the log)."""
+        index = await self.free.get()
+        try:
+            node = await self.nodes[index]
+        except ray.exceptions.RayActorError:
+            node = "lost"
+        return index, self.handles[index], node
+
+    def release(self, index: int) -> None:
+        self.free.put_nowait(index)
+
+    def replace(self, index: int, dead: Any) -> None:
+        """Start a new evaluator in place of one that died or broke (once per death)."""
+        if self.handles[index] == dead:
+            ray.kill(dead, no_restart=True)
+            self.handles[index] = self._start(index + len(self.handles) * (self.replaced + 1))
+            self.nodes[index] = self.handles[index].__ray_call__.remote(_actor_node)
+            self.replaced += 1
+
+    def replacements(self) -> int:
+        return self.replaced
+
+    def lookup(self, config_hash: str) -> dict[str, Any] | None:
+        """The logged row of a config. The pool writes every row of its run, so its log
+        knows them all without listing the folder again."""
+        return self.log.lookup(config_hash, refresh=False)
+
+    def record(self, row: dict[str, Any]) -> None:
+        """Append a finished trial's row to the log (atomically)."""
+        self.log.append([row])
+
+
+def evaluator_class_for(spec: Spec) -> type:
+    """What the pool starts per evaluator: a single-device `Evaluator`, or a sharded group
+    of `gpus_per_evaluator` ranks when the spec asks for sharding."""
+    r = spec.resources
+    if r.sharding == "none":
+        return Evaluator
+    from prunetune.evaluators.settings import ShardingSettings
+    from prunetune.evaluators.sharded.group import sharded_evaluator_class
+
+    return sharded_evaluator_class(ShardingSettings(ranks=r.gpus_per_evaluator, mode=r.sharding,
+                                                    offload=r.offload))
+
+
+def _actor_options(spec: Spec) -> dict[str, Any]:
+    """Resources of one evaluator actor; a sharded group's GPUs are held by its ranks."""
+    r = spec.resources
+    return {"num_cpus": r.cpus_per_evaluator,
+            "num_gpus": 0 if r.sharding != "none" else r.gpus_per_evaluator}
+
+
+def start_pool(spec: Spec, run_id: str, run_dir: str,
+               evaluator_class: type) -> tuple[Any, str, list[dict[str, Any]]]:
+    """Create the run's evaluators (they load the model now) and wait until they are ready."""
+    pool_name = f"prunetune-pool-{run_id}-{os.getpid()}"
+    pool = EvaluatorPool.options(name=pool_name, namespace=NAMESPACE, resources=HEAD).remote(
+        evaluator_class, spec.evaluator_settings(), spec.resources.evaluators,
+        _actor_options(spec), run_dir)
+    infos = ray.get(pool.infos.remote())
+    return pool, pool_name, infos
