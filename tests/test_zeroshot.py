@@ -17,6 +17,7 @@ from prunetune.evaluators.zeroshot import (
     evaluate_tasks,
     load_task,
     loglikelihoods,
+    token_loglikelihoods,
 )
 from char_tokenizer import CharTokenizer
 
@@ -73,6 +74,27 @@ def test_loglikelihoods_match_the_reference_for_every_family(tiny_model):
     expected = [reference_loglikelihood(tiny_model, *encode_pair(TOK, c, x)) for c, x in REQUESTS]
     got = loglikelihoods(tiny_model, TOK, REQUESTS, batch_size=3)
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+def greedy_continuation(model, context_ids: list[int], length: int) -> list[int]:
+    tokens = list(context_ids)
+    with torch.inference_mode():
+        for _ in range(length):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(context_ids):]
+
+
+def test_token_loglikelihoods_flag_the_continuations_greedy_decoding_produces(tiny):
+    pairs = []
+    for context, _ in REQUESTS[:3]:
+        greedy = greedy_continuation(tiny, ids(context), 3)
+        other = greedy[:-1] + [(greedy[-1] + 1) % tiny.config.vocab_size]
+        pairs += [(ids(context), greedy), (ids(context), other)]
+    scored = token_loglikelihoods(tiny, pairs, batch_size=4, greedy=True)
+    assert [flag for _, flag in scored] == [True, False] * 3
+    expected = [reference_loglikelihood(tiny, c, x) for c, x in pairs]
+    assert [ll for ll, _ in scored] == pytest.approx(expected, rel=1e-5)
+    assert {flag for _, flag in token_loglikelihoods(tiny, pairs)} == {None}
 
 
 def test_repeated_evaluations_tokenize_each_request_once(tiny):

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from prunetune.evaluators.data import data_dir
-from prunetune.evaluators.perplexity import hidden_states, model_device, token_logprobs
+from prunetune.evaluators.perplexity import (
+    LOGIT_CHUNK_ELEMENTS, hidden_states, model_device, token_logprobs,
+)
 
 BUILTIN_TASKS = ("piqa",)
 
@@ -87,19 +89,33 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 def loglikelihoods(
     model: nn.Module, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int = 16
 ) -> list[float]:
-    """log P(continuation | context) for each (context, continuation) request.
+    """log P(continuation | context) for each (context, continuation) request, split into
+    tokens as the harness does (`encode_pair`) and scored by `token_loglikelihoods`."""
+    pairs = [_encoded_pair(tokenizer, c, x) for c, x in requests]
+    return [ll for ll, _ in token_loglikelihoods(model, pairs, batch_size)]
 
-    Requests are sorted by length and scored in right-padded batches; a request longer
-    than the model's context window loses tokens from the left of its context.
+
+def token_loglikelihoods(
+    model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 16, greedy: bool = False,
+) -> list[tuple[float, bool | None]]:
+    """(log P(continuation | context), is_greedy) for each (context, continuation) pair of
+    token ids.
+
+    `is_greedy` says whether greedy decoding from the context produces the whole
+    continuation, the flag lm-eval's `loglikelihood` returns beside the score. It costs a
+    second pass of the LM head over the continuation, so it is computed only with `greedy`
+    (None otherwise). Requests are sorted by length and scored in right-padded batches; a
+    request longer than the model's context window loses tokens from the left of its context.
     """
     max_len = getattr(model.config, "max_position_embeddings", None)
-    encoded = [_truncate(*_encoded_pair(tokenizer, c, x), max_len) for c, x in requests]
+    encoded = [_truncate(tuple(c), tuple(x), max_len) for c, x in pairs]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    scores = [0.0] * len(encoded)
+    scores: list[tuple[float, bool | None]] = [(0.0, None)] * len(encoded)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            for i, score in zip(batch, _score_batch(model, [encoded[i] for i in batch])):
+            for i, score in zip(batch, _score_batch(model, [encoded[i] for i in batch], greedy)):
                 scores[i] = score
     return scores
 
@@ -119,8 +135,11 @@ def _truncate(
     return tokens, len(continuation)
 
 
-def _score_batch(model: nn.Module, requests: list[tuple[tuple[int, ...], int]]) -> list[float]:
-    """Summed continuation log-probabilities of one right-padded batch."""
+def _score_batch(
+    model: nn.Module, requests: list[tuple[tuple[int, ...], int]], greedy: bool
+) -> list[tuple[float, bool | None]]:
+    """Summed continuation log-probabilities of one right-padded batch, and with `greedy`
+    whether every continuation token is the model's most likely one."""
     width = max(len(tokens) for tokens, _ in requests) - 1
     ids = torch.zeros(len(requests), width, dtype=torch.long)
     mask = torch.zeros(len(requests), width, dtype=torch.long)
@@ -135,10 +154,24 @@ def _score_batch(model: nn.Module, requests: list[tuple[tuple[int, ...], int]]) 
     device = model_device(model)
     hidden = hidden_states(model, ids.to(device), mask.to(device))
     rows_t = torch.tensor(rows, device=device)
-    logprobs = token_logprobs(model, hidden[rows_t, torch.tensor(cols, device=device)],
-                              torch.tensor(targets, device=device))
+    targets_t = torch.tensor(targets, device=device)
+    cont_hidden = hidden[rows_t, torch.tensor(cols, device=device)]
+    logprobs = token_logprobs(model, cont_hidden, targets_t)
     sums = torch.zeros(len(requests), dtype=torch.float64, device=device)
-    return sums.index_add_(0, rows_t, logprobs.double()).tolist()
+    sums = sums.index_add_(0, rows_t, logprobs.double()).tolist()
+    if not greedy:
+        return [(s, None) for s in sums]
+    misses = torch.zeros(len(requests), dtype=torch.long, device=device)
+    misses.index_add_(0, rows_t, (_most_likely_tokens(model, cont_hidden) != targets_t).long())
+    return list(zip(sums, (misses == 0).tolist()))
+
+
+def _most_likely_tokens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's argmax for each hidden state `[n, hidden]`, on row chunks of at most
+    `LOGIT_CHUNK_ELEMENTS` logits, as in `token_logprobs`."""
+    head = model.get_output_embeddings()
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+    return torch.cat([head(h).argmax(-1) for h in hidden.split(rows)])
 
 
 def choice_loglikelihoods(
@@ -192,7 +225,7 @@ def load_task(name: str, limit: int | None = None) -> list[Item]:
     "target_delimiter". `limit` keeps the first items, as the harness's `--limit` does.
     """
     if name == "piqa":
-        items = _load_piqa(data_dir() / "piqa")
+        items = [_piqa_item(doc) for doc in piqa_documents()]
     elif name.endswith(".jsonl") and Path(name).expanduser().is_file():
         items = _load_jsonl(Path(name).expanduser())
     else:
@@ -203,16 +236,24 @@ def load_task(name: str, limit: int | None = None) -> list[Item]:
     return items if limit is None else items[:limit]
 
 
-def _load_piqa(folder: Path) -> list[Item]:
-    """PIQA in the harness's prompt: "Question: {goal}\\nAnswer:" then " " + solution."""
+def piqa_documents() -> list[dict[str, Any]]:
+    """PIQA's validation split from `data_dir()/piqa`: {"goal", "sol1", "sol2", "label"}.
+
+    These are the documents of lm-eval's `piqa` task; the labels, a separate file aligned
+    line by line with the questions, become each document's int `label`.
+    """
+    folder = data_dir() / "piqa"
     docs = _read_jsonl(folder / "valid.jsonl")
     labels = (folder / "valid-labels.lst").read_text(encoding="utf-8").split()
     if len(labels) != len(docs):
         raise ValueError(f"{folder}: {len(docs)} questions but {len(labels)} labels")
-    return [
-        Item(f"Question: {doc['goal']}\nAnswer:", (doc["sol1"], doc["sol2"]), int(label), " ")
-        for doc, label in zip(docs, labels)
-    ]
+    return [{**doc, "label": int(label)} for doc, label in zip(docs, labels)]
+
+
+def _piqa_item(doc: dict[str, Any]) -> Item:
+    """A PIQA document in the harness's prompt: "Question: {goal}\\nAnswer:" then " " + solution."""
+    context = f"Question: {doc['goal']}\nAnswer:"
+    return Item(context, (doc["sol1"], doc["sol2"]), doc["label"], target_delimiter=" ")
 
 
 def _load_jsonl(path: Path) -> list[Item]:
