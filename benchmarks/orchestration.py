@@ -15,8 +15,9 @@ import tempfile
 import time
 from typing import Any
 
+from prunetune.evaluators.contract import EvaluatorBase
 from prunetune.orchestrator.spec import load_spec
-from prunetune.orchestrator.results import ResultLog
+from prunetune.orchestrator.results import DENSE_TRIAL, ResultLog
 from prunetune.orchestrator.search import run_search
 from prunetune.search_spaces.subnet import SubnetConfig
 
@@ -25,7 +26,7 @@ SMOLLM2 = dict(model_type="llama", hidden_size=576, num_hidden_layers=30, num_at
                tie_word_embeddings=True)
 
 
-class FixedTimeEvaluator:
+class FixedTimeEvaluator(EvaluatorBase):
     """Takes exactly `seconds` per evaluation; perplexity falls with the kept parameters."""
 
     seconds = 1.0
@@ -36,12 +37,16 @@ class FixedTimeEvaluator:
     def info(self) -> dict[str, Any]:
         return {"evaluator_id": self.evaluator_id, "model_config": SMOLLM2, "layer_order": None}
 
-    def evaluate(self, subnet_json: str, metrics: list[str]) -> dict[str, Any]:
-        subnet = SubnetConfig.from_json(subnet_json)
+    def model_config(self) -> Any:
+        return SMOLLM2
+
+    def measure(self, subnet: SubnetConfig, metrics: set[str]) -> dict[str, Any]:
         time.sleep(self.seconds)
         size = subnet.num_layers * subnet.embed * sum(subnet.mlp)
-        return {"status": "ok", "error": None, "perplexity": 1e12 / size,
-                "evaluator_id": self.evaluator_id}
+        return {"perplexity": 1e12 / size}
+
+    def release_memory(self) -> None:
+        """Holds no model."""
 
 
 def main() -> None:
@@ -59,7 +64,7 @@ def main() -> None:
         run_search(spec, FixedTimeEvaluator)
         total = time.perf_counter() - start
         rows = ResultLog(run_dir).read()
-    trials = rows[rows["trial_id"] != "dense"]
+    trials = rows[rows["trial_id"] != DENSE_TRIAL]
     span = (trials["finished_at"].max() - trials["started_at"].min()).total_seconds()
     busy = trials["eval_seconds"].sum()
     capacity = span * args.evaluators

@@ -137,3 +137,25 @@ def test_generation_is_refused_with_the_reason():
     lm = ResidentLM(random_model(tiny_config("llama")), tokenizer=None)
     with pytest.raises(NotImplementedError, match="log-likelihood only.*generate_until"):
         lm.generate_until(requests("generate_until", [("Q:", {"until": ["\n"]})]))
+
+
+def test_the_evaluator_scores_lm_eval_tasks_on_the_model_it_holds(smollm2_tokenizer, tmp_path,
+                                                                  monkeypatch) -> None:
+    """`lm_eval:<task>` in the evaluation settings: lm-eval's metrics under the task's name,
+    equal to the built-in scorer's, and `acc_avg` over the tasks."""
+    from prunetune.evaluators.evaluator import Evaluator
+    from prunetune.evaluators.settings import EvaluatorSettings
+
+    monkeypatch.setenv("PRUNETUNE_CACHE", str(tmp_path / "cache"))
+    random_model(tiny_config("llama", vocab_size=49152), seed=3).save_pretrained(tmp_path / "m")
+    smollm2_tokenizer.save_pretrained(tmp_path / "m")
+    evaluator = Evaluator(EvaluatorSettings(model=str(tmp_path / "m"), seq_len=32, windows=2,
+                                            batch_size=4, calibration_samples=2, task_limit=8,
+                                            tasks=("lm_eval:piqa",)))
+    items = load_task("piqa", 8)
+    builtin = evaluate_tasks(evaluator.model, smollm2_tokenizer, {"piqa": items}, 4)
+    dense = SubnetConfig.dense(evaluator.model.config)
+    result = evaluator.evaluate(dense, ["acc_piqa", "acc_avg"])
+    assert result["status"] == "ok", result["error"]
+    assert (result["acc_piqa"], result["acc_norm_piqa"]) == (builtin["acc_piqa"], builtin["acc_norm_piqa"])
+    assert result["acc_avg"] == result["acc_piqa"]

@@ -129,6 +129,8 @@ def test_run_dir_defaults_to_name_and_utc_time():
         ({"resources": {"gpus_per_evaluator": 2, "sharding": "autotp"}},
          "evaluation.mode: sharding: autotp evaluates sub-networks as masks"),
         ({"name": "a/b"}, "name: String should match pattern"),
+        ({"evaluation": {"tasks": ["piqa", "lm_eval:piqa"]}},
+         "evaluation.tasks: piqa named twice (built in and as lm_eval:<task> both give acc_<task>)"),
     ],
 )
 def test_errors_name_the_file_and_field_path(tmp_path, data, expected):
@@ -224,3 +226,9 @@ def test_spec_exposes_parsed_constraints():
         Constraint("params", "<=", 0.6, True), Constraint("perplexity", "<", 40.0, False),
     ]
     assert spec.metrics_needed() == ["perplexity", "params"]
+
+
+def test_lm_eval_tasks_produce_accuracy_metrics_under_their_own_names():
+    spec = load_spec({"objectives": {"acc_arc_easy": "max", "acc_norm_piqa": "max", "params": "min"},
+                      "evaluation": {"tasks": ["lm_eval:arc_easy", "piqa"]}})
+    assert spec.evaluator_settings().tasks == ("lm_eval:arc_easy", "piqa")

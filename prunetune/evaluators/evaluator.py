@@ -27,10 +27,10 @@ from prunetune.evaluators.importance import ImportanceScores, permute_model
 from prunetune.evaluators.latency import LatencyCache, latency_cache_file, subnet_latency
 from prunetune.evaluators.model import load_model
 from prunetune.evaluators.perplexity import perplexity
-from prunetune.evaluators.settings import EvaluatorSettings
+from prunetune.evaluators.settings import EvaluatorSettings, split_tasks, task_name
 from prunetune.evaluators.surgery import apply_masks, extract
 from prunetune.evaluators.zeroshot import evaluate_tasks, load_task
-from prunetune.metrics import wants_accuracy, wants_latency, wants_perplexity
+from prunetune.metrics import ACCURACY_AVERAGE, wants_accuracy, wants_latency, wants_perplexity
 from prunetune.search_spaces.cost import subnet_cost
 from prunetune.search_spaces.subnet import SubnetConfig
 
@@ -51,7 +51,9 @@ class Evaluator(EvaluatorBase):
         self.scores = self._sort_by_importance()
         self.windows = token_windows(self.tokenizer, settings.data, settings.seq_len,
                                      settings.windows, self.model.config.vocab_size).to(self.device)
-        self.tasks = {name: load_task(name, settings.task_limit) for name in settings.tasks}
+        builtin, harness = split_tasks(settings.tasks)
+        self.tasks = {name: load_task(name, settings.task_limit) for name in builtin}
+        self.harness_tasks = _load_harness_tasks(harness)
         self.latency_cache = LatencyCache(latency_cache_file())
         self.load_seconds = time.perf_counter() - start
 
@@ -98,12 +100,36 @@ class Evaluator(EvaluatorBase):
         out: dict[str, float] = {}
         if wants_perplexity(metrics):
             out.update(perplexity(model, self.windows, self.settings.batch_size))
-        if self.tasks and wants_accuracy(metrics):
+        if self.settings.tasks and wants_accuracy(metrics):
+            out.update(self._accuracy(model))
+        return out
+
+    def _accuracy(self, model: nn.Module) -> dict[str, float]:
+        """`acc_<task>` and `acc_norm_<task>` of every task, built in or lm-eval's, and
+        `acc_avg` over all of them."""
+        out: dict[str, float] = {}
+        if self.tasks:
             out.update(evaluate_tasks(model, self.tokenizer, self.tasks, self.settings.batch_size))
+        if self.harness_tasks is not None:
+            from prunetune.evaluators.harness import harness_scores
+
+            out.update(harness_scores(model, self.tokenizer, self.harness_tasks,
+                                      self.settings.task_limit, self.settings.batch_size))
+        names = [task_name(t) for t in self.settings.tasks]
+        out[ACCURACY_AVERAGE] = sum(out[f"acc_{n}"] for n in names) / len(names)
         return out
 
     def release_memory(self) -> None:
         release_memory(self.device)
+
+
+def _load_harness_tasks(names: list[str]) -> Any:
+    """The lm-eval tasks, loaded once (None without any); lm-eval is imported only here."""
+    if not names:
+        return None
+    from prunetune.evaluators.harness import load_harness_tasks
+
+    return load_harness_tasks(names)
 
 
 def make_actor(settings: EvaluatorSettings, evaluator_id: str, num_gpus: float = 0,

@@ -41,6 +41,22 @@ class EvaluatorSettings:
     latency: LatencySettings = field(default_factory=LatencySettings)
 
 
+HARNESS_PREFIX = "lm_eval:"
+"""A task named `lm_eval:<task>` runs through lm-evaluation-harness; others are built in."""
+
+
+def task_name(task: str) -> str:
+    """The name a task's metrics carry (`lm_eval:arc_easy` -> `arc_easy`)."""
+    return task.removeprefix(HARNESS_PREFIX)
+
+
+def split_tasks(tasks: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
+    """The built-in tasks, and the lm-eval tasks by their lm-eval names."""
+    builtin = [t for t in tasks if not t.startswith(HARNESS_PREFIX)]
+    harness = [task_name(t) for t in tasks if t.startswith(HARNESS_PREFIX)]
+    return builtin, harness
+
+
 DEFAULTS = EvaluatorSettings()
 """The default settings, which the spec's defaults read."""
 

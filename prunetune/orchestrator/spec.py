@@ -23,7 +23,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from pydantic import SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
-from prunetune.evaluators.settings import DEFAULTS, EvaluatorSettings, LatencySettings
+from prunetune.evaluators.settings import (
+    DEFAULTS, HARNESS_PREFIX, EvaluatorSettings, LatencySettings, task_name,
+)
 from prunetune.metrics import (
     ACCURACY_AVERAGE, COST_METRICS, LATENCY_METRICS, MEMORY_METRIC, PERPLEXITY_METRICS, task_of,
 )
@@ -191,6 +193,15 @@ class EvaluationSpec(_Section):
     importance: Literal["activation", "magnitude", "none"] = DEFAULTS.importance
     latency: LatencySpec = LatencySpec()
 
+    @model_validator(mode="after")
+    def _task_names_are_distinct(self) -> "EvaluationSpec":
+        names = [task_name(t) for t in self.tasks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise _field_error("tasks", f"{', '.join(repeated)} named twice (built in and as "
+                               f"{HARNESS_PREFIX}<task> both give acc_<task>): keep one")
+        return self
+
     def missing_producer(self, metric: str) -> str | None:
         """Why these settings do not produce `metric`, or None when they do."""
         if metric in ALWAYS_PRODUCED:
@@ -202,7 +213,7 @@ class EvaluationSpec(_Section):
         task = task_of(metric)
         if task is None:
             return f"unknown metric; known metrics are {', '.join(KNOWN_METRICS)}"
-        if task not in self.tasks:
+        if task not in {task_name(t) for t in self.tasks}:
             return f"needs task {task!r} in evaluation.tasks (now {self.tasks})"
         return None
 
