@@ -28,10 +28,16 @@ def tokenize_windows(
     The corpus is tokenized once, without special tokens, and cut into consecutive
     windows; the last partial window is dropped, and at most `max_windows` are kept.
     """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2 to score a token, got {seq_len}")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False,
                     verbose=False)["input_ids"]
+    return cut_windows(ids, seq_len, max_windows)
+
+
+def cut_windows(ids: list[int], seq_len: int, max_windows: int | None = None) -> torch.LongTensor:
+    """Consecutive windows `[n, seq_len]` of the token ids; the last partial window is
+    dropped, and at most `max_windows` are kept."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 to score a token, got {seq_len}")
     n = len(ids) // seq_len
     if max_windows is not None:
         n = min(n, max_windows)

@@ -1,0 +1,164 @@
+"""Knowledge distillation of a sub-network from its dense model, on one device.
+
+The student is the extracted sub-network (`surgery.extract` of the importance-sorted
+model), the teacher the dense model it was cut from, frozen. The student learns the
+teacher's next-token distributions (`loss.distill_loss_sum`) on packed windows of training
+text (`data.training_windows`), with AdamW, linear warmup then cosine decay, gradient
+accumulation and clipping, and bf16 autocast on GPU (float32 on CPU); every parameter
+trains, or LoRA adapters only (`lora`). With a checkpoint folder, a killed run started
+again with the same arguments resumes from its last checkpoint and trains on the same
+batches in the same order, so it ends where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunetune.evaluators.perplexity import model_device
+from prunetune.training.checkpoint import Progress, load_checkpoint, run_identity, save_checkpoint
+from prunetune.training.data import window_indices
+from prunetune.training.loss import distill_loss_sum
+from prunetune.training.lora import add_lora, merge_lora
+from prunetune.training.settings import DistillSettings
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """What a distillation did: tokens trained and optimizer steps (over the whole run,
+    resumed or not), the loss per step (mean per predicted token), the step it resumed
+    from (0 for a fresh start), and the seconds this call took."""
+
+    tokens: int
+    steps: int
+    losses: list[float]
+    resumed_from: int
+    seconds: float
+
+    @property
+    def final_loss(self) -> float:
+        """The loss of the last optimizer step."""
+        return self.losses[-1]
+
+
+def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
+            settings: DistillSettings = DistillSettings(),
+            checkpoint_dir: str | Path | None = None) -> DistillResult:
+    """Train `student` in place to match `teacher` on `windows` `[n, settings.seq_len]`.
+
+    The teacher is put in eval mode with gradients off and is never changed. Both models
+    must be on one device; the student's parameters should be float32 (on GPU, autocast
+    runs the matmuls in bf16). With LoRA (`settings.lora_rank > 0`) the adapters are
+    merged into the student's weights before returning. With `checkpoint_dir`, progress is
+    saved there every `settings.checkpoint_every` steps and at the end, and a run that
+    finds a checkpoint there resumes from it. The student is left in eval mode.
+    """
+    start = time.perf_counter()
+    check_inputs(teacher, student, windows, settings)
+    torch.manual_seed(settings.seed)
+    teacher.eval().requires_grad_(False)
+    peft_model = None
+    if settings.lora_rank:
+        peft_model = add_lora(student, settings.lora_rank, settings.lora_alpha)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = cosine_schedule(optimizer, settings)
+    identity = run_identity(settings, windows)
+    progress = Progress()
+    if checkpoint_dir is not None:
+        progress = (load_checkpoint(checkpoint_dir, student, optimizer, scheduler, identity)
+                    or progress)
+    resumed_from = progress.step
+    student.train()
+    try:
+        with progress_bar(settings, progress) as bar:
+            while progress.step < settings.steps:
+                loss = train_step(teacher, student, windows, settings, progress.windows, params)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                advance(progress, settings, loss, bar)
+                if checkpoint_dir is not None and checkpoint_due(progress, settings):
+                    save_checkpoint(checkpoint_dir, student, optimizer, scheduler, progress,
+                                    identity)
+    finally:
+        student.eval()
+    if peft_model is not None:
+        merge_lora(peft_model)
+    return DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
+                         resumed_from=resumed_from, seconds=time.perf_counter() - start)
+
+
+def check_inputs(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
+                 settings: DistillSettings) -> None:
+    """Raise, naming what is wrong, for models or windows distillation cannot use."""
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] != settings.seq_len:
+        raise ValueError(f"windows must be [n >= 1, distill.seq_len = {settings.seq_len}], "
+                         f"got {tuple(windows.shape)}")
+    vocab = (teacher.config.vocab_size, student.config.vocab_size)
+    if vocab[0] != vocab[1]:
+        raise ValueError(f"teacher and student have other vocabularies: vocab_size "
+                         f"{vocab[0]} and {vocab[1]}")
+    devices = (model_device(teacher), model_device(student))
+    if devices[0] != devices[1]:
+        raise ValueError(f"teacher on {devices[0]} and student on {devices[1]}: "
+                         "put both on one device")
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, settings: DistillSettings) -> Any:
+    """Linear warmup over the first `settings.warmup` of the steps, then cosine decay to 0."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, round(settings.warmup * settings.steps),
+                                           settings.steps)
+
+
+def train_step(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
+               settings: DistillSettings, position: int, params: list[nn.Parameter]) -> float:
+    """Forward and backward passes over the micro-batches of one optimizer step, the
+    windows at `position` of the visiting order; clips the gradient and returns the loss
+    (mean per predicted token)."""
+    device = model_device(student)
+    index = window_indices(len(windows), settings.seed, position, settings.windows_per_step)
+    predicted = settings.windows_per_step * (settings.seq_len - 1)
+    total = torch.zeros((), device=device)
+    for micro in index.split(settings.micro_batch):
+        ids = windows[micro].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = distill_loss_sum(teacher, student, ids, settings.temperature, settings.top_k,
+                                    settings.lm_weight) / predicted
+        loss.backward()
+        total += loss.detach()
+    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    return total.item()
+
+
+def advance(progress: Progress, settings: DistillSettings, loss: float, bar: Any) -> None:
+    """Count one finished optimizer step, and show it."""
+    tokens = settings.windows_per_step * settings.seq_len
+    progress.step += 1
+    progress.windows += settings.windows_per_step
+    progress.tokens += tokens
+    progress.losses.append(loss)
+    bar.update(tokens)
+    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+
+def checkpoint_due(progress: Progress, settings: DistillSettings) -> bool:
+    """A checkpoint is written every `checkpoint_every` steps and after the last one."""
+    return progress.step % settings.checkpoint_every == 0 or progress.step == settings.steps
+
+
+def progress_bar(settings: DistillSettings, progress: Progress) -> Any:
+    """A bar over the token budget (tokens, tokens/s, time left, loss); silent when the
+    output is not a terminal."""
+    from tqdm.auto import tqdm
+
+    total = settings.steps * settings.windows_per_step * settings.seq_len
+    return tqdm(total=total, initial=progress.tokens, unit="tok", unit_scale=True,
+                desc="distil", disable=None, dynamic_ncols=True)

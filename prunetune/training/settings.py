@@ -1,0 +1,74 @@
+"""How a sub-network is distilled: the one home of every recovery default.
+
+Nothing here imports torch, so a spec or a command line can be checked before any model
+library is loaded. The defaults run as they are: a few million tokens of the shipped
+corpus, full-parameter training, plain KL divergence to the teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """One distillation run.
+
+    `tokens` is the budget (input tokens the student trains on, rounded up to whole
+    optimizer steps of `micro_batch * accumulation` windows of `seq_len` tokens). The
+    learning rate warms up linearly over the first `warmup` fraction of the steps, then
+    decays to zero on a cosine. The loss per token is `temperature**2` times the KL
+    divergence of the teacher's and student's next-token distributions at `temperature`
+    (over the teacher's `top_k` most likely tokens only, when set), plus `lm_weight`
+    times the student's cross-entropy on the text. `lora_rank` 0 trains every parameter;
+    above 0, LoRA adapters of that rank (scaled by `lora_alpha / lora_rank`) on the
+    student's linear layers train instead, and are merged into them at the end. A
+    checkpoint is written every `checkpoint_every` optimizer steps.
+    """
+
+    tokens: int = 2_000_000
+    seq_len: int = 512
+    micro_batch: int = 8
+    accumulation: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    lm_weight: float = 0.0
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        at_least = {"tokens": 1, "seq_len": 2, "micro_batch": 1, "accumulation": 1,
+                    "lora_rank": 0, "checkpoint_every": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"distill.{name} must be at least {low}, "
+                                 f"got {getattr(self, name)}")
+        for name in ("lr", "max_grad_norm", "temperature", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"distill.{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "lm_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"distill.{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"distill.warmup is a fraction of the steps in [0, 1), "
+                             f"got {self.warmup}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"distill.top_k must be at least 1 (or None for the whole "
+                             f"vocabulary), got {self.top_k}")
+
+    @property
+    def windows_per_step(self) -> int:
+        """Windows one optimizer step trains on."""
+        return self.micro_batch * self.accumulation
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps the token budget buys (at least one)."""
+        per_step = self.windows_per_step * self.seq_len
+        return max(1, -(-self.tokens // per_step))
