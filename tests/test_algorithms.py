@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from prunetune.orchestrator.algorithms import LocalSearch, parameter_groups
 from prunetune.search_spaces.spaces import make_space
 from standin import SMOLLM2_CONFIG
@@ -87,3 +89,50 @@ def test_a_used_up_neighbourhood_does_not_stall_the_search() -> None:
                                            "params": 1e6 * config["depth"]})
     assert set(seen) == set(range(15, 31))
     assert len(set(seen[:16])) >= 12
+
+
+def _always(subnet) -> bool:
+    return True
+
+
+def _guarded(name: str, run_dir: str):
+    from prunetune.orchestrator.algorithms import GuardedSearcher, make_algorithm
+
+    space = make_space("uniform", SMOLLM2_CONFIG)
+    algorithm = make_algorithm(name, space, OBJECTIVES, seed=0, population_size=4)
+    return GuardedSearcher(algorithm, space, OBJECTIVES, run_dir, _always, budget=40)
+
+
+def _finish(searcher, trial_id: str, config: dict, run_dir: str) -> None:
+    """What a trial does: log its row, then report it."""
+    from datetime import datetime, timezone
+
+    from prunetune.orchestrator.results import ResultLog, make_row
+    from prunetune.search_spaces.subnet import SubnetConfig
+
+    subnet = SubnetConfig.from_json(config["subnet"])
+    metrics = {"perplexity": 100.0 / config["ratio"] + 30 - config["depth"]}
+    now = datetime.now(timezone.utc)
+    row = make_row("run", trial_id, subnet, SMOLLM2_CONFIG, metrics, "ok", None, "e", now, now, 256)
+    ResultLog(run_dir).append([row])
+    searcher.on_trial_complete(trial_id, row)
+
+
+@pytest.mark.parametrize("name", ["nsga3", "tpe", "gp"])
+def test_model_based_proposers_hand_out_distinct_configs_and_resume(name, tmp_path) -> None:
+    """Concurrent askers (three trials running at once) never get the same config, and a
+    restored searcher goes on without handing out a config again."""
+    run_dir = str(tmp_path)
+    searcher = _guarded(name, run_dir)
+    handed = {}
+    for i in range(10):
+        handed[f"t{i}"] = searcher.suggest(f"t{i}")
+        if i >= 3:
+            _finish(searcher, f"t{i - 3}", handed[f"t{i - 3}"], run_dir)
+    subnets = [c["subnet"] for c in handed.values()]
+    assert len(set(subnets)) == len(subnets)
+    searcher.save(str(tmp_path / "state.pkl"))
+    restored = _guarded(name, run_dir)
+    restored.restore(str(tmp_path / "state.pkl"))
+    later = [restored.suggest(f"r{i}")["subnet"] for i in range(5)]
+    assert len(set(later)) == 5 and not set(later) & set(subnets)

@@ -72,7 +72,7 @@ def test_same_seed_same_configs_other_seed_other_configs(tmp_path, standin_env) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["nsga2", "local"])
+@pytest.mark.parametrize("algorithm", ["nsga2", "nsga3", "tpe", "gp", "local"])
 def test_other_algorithms_finish_without_repeats(tmp_path, standin_env, algorithm) -> None:
     run_search(spec(tmp_path / "run", algorithm={"name": algorithm, "num_samples": 12,
                                                 "population_size": 4},

@@ -99,7 +99,7 @@ def test_run_dir_defaults_to_name_and_utc_time():
         ({"algorithm": {"name": "nsga2", "pop": 4}},
          "algorithm.pop: Extra inputs are not permitted"),
         ({"algorithm": {"name": "bayes"}},
-         "algorithm.name: Input should be 'random', 'nsga2' or 'local'"),
+         "algorithm.name: Input should be 'random', 'nsga2', 'nsga3', 'tpe', 'gp' or 'local'"),
         ({"search_space": {"min_ratio": 1.5}},
          "search_space.min_ratio: Input should be less than or equal to 1"),
         ({"search_space": {"preset": "layers", "neuron_step": 64}},

@@ -1,7 +1,11 @@
 """Search algorithms as Ray Tune searchers, and the guard that every search runs behind.
 
-`random` and `nsga2` are Optuna samplers behind Tune's `OptunaSearch`; `local` mutates the
-points of the current front. Every algorithm is wrapped in `GuardedSearcher`, which turns a
+`random`, `nsga2`, `nsga3` (reference-point NSGA-III, for three or more objectives),
+`tpe` (multi-objective tree-structured Parzen estimator) and `gp` (Gaussian-process
+Bayesian optimisation, log expected hypervolume improvement) are Optuna samplers behind
+Tune's `OptunaSearch`; `local` mutates the points of the current front. The model-based
+samplers (`tpe`, `gp`) start from `population_size` random proposals; TPE hands
+concurrent askers different proposals by its constant liar. Every algorithm is wrapped in `GuardedSearcher`, which turns a
 proposal into a trial only when it is new (not in the result log, not running now) and
 meets the constraints that can be checked before evaluation; anything else goes straight
 back to the algorithm (the stored result, or a failure) and the algorithm is asked again.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -22,7 +27,7 @@ from prunetune.orchestrator.results import DENSE_TRIAL, ResultLog
 from prunetune.search_spaces.spaces import SearchSpace
 from prunetune.search_spaces.subnet import SubnetConfig
 
-ALGORITHMS = ("random", "nsga2", "local")
+ALGORITHMS = ("random", "nsga2", "nsga3", "tpe", "gp", "local")
 MAX_PROPOSALS = 200
 NEIGHBOUR_TRIES = 50
 
@@ -150,12 +155,18 @@ def make_algorithm(name: str, space: SearchSpace, objectives: Mapping[str, str],
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if name == "random":
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    elif name == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
-    else:
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    samplers: dict[str, Callable[[], Any]] = {
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed),
+        "nsga3": lambda: optuna.samplers.NSGAIIISampler(population_size=population_size, seed=seed),
+        "tpe": lambda: optuna.samplers.TPESampler(n_startup_trials=population_size, multivariate=True,
+                                                  constant_liar=True, seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(n_startup_trials=population_size, seed=seed),
+    }
+    if name not in samplers:
         raise ValueError(f"algorithm.name: unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
+    sampler = samplers[name]()
     return OptunaSearch(space=OptunaSearch.convert_search_space(space.param_space()),
                         metric=list(objectives), mode=list(objectives.values()), sampler=sampler,
                         points_to_evaluate=list(initial or []) or None)

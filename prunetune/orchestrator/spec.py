@@ -160,7 +160,7 @@ class SearchSpaceSpec(_Section):
 class AlgorithmSpec(_Section):
     """Which search algorithm proposes sub-networks, and how many."""
 
-    name: Literal["random", "nsga2", "local"] = "random"
+    name: Literal["random", "nsga2", "nsga3", "tpe", "gp", "local"] = "random"
     num_samples: int = Field(40, ge=1)
     seed: int = 0
     population_size: int = Field(16, ge=2)
