@@ -79,7 +79,7 @@ def test_a_bad_spec_fails_before_ray_starts_naming_the_field(tmp_path, capsys) -
 
 
 def test_every_command_has_help() -> None:
-    for command in ("search", "resume", "front", "export", "plan"):
+    for command in ("search", "resume", "front", "export", "recover", "plan"):
         out = subprocess.run([sys.executable, "-m", "prunetune.orchestrator.cli", command, "--help"],
                              capture_output=True, text=True, check=True).stdout
         assert out.startswith(f"usage: prunetune {command}")
@@ -108,3 +108,22 @@ def test_the_console_shows_prunetune_only_and_the_rest_goes_to_the_log(tiny_run)
     verbose = _search_output(tiny_run, ["--verbose"])
     assert "Ray" in verbose.stdout + verbose.stderr
     assert not (tiny_run / "run1" / "prunetune.log").exists()
+
+
+def test_recover_distils_a_front_point_and_exports_it(tiny_run, tmp_path, capsys) -> None:
+    front = pd.read_parquet(tiny_run / "run" / "front.parquet")
+    pick = len(front) - 1
+    out = tmp_path / "recovered"
+    assert main(["recover", str(tiny_run / "run"), "--pick", str(pick), "--out", str(out),
+                 "--tokens", "1024", "--seq-len", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "distilled on 1,024 tokens of gutenberg" in printed and "perplexity" in printed
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == front.iloc[pick]["params"]
+    assert any((out / "checkpoint").iterdir())
+
+
+def test_recover_refuses_evaluation_text(tiny_run, tmp_path, capsys) -> None:
+    assert main(["recover", str(tiny_run / "run"), "--pick", "0", "--out", str(tmp_path / "r"),
+                 "--data", "wikitext2"]) == 2
+    assert "evaluation data" in capsys.readouterr().err

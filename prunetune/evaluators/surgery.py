@@ -312,12 +312,18 @@ def save_pruned(model: nn.Module, subnet: SubnetConfig, out_dir: str | Path) -> 
     Mistral, since transformers' Llama config refuses that shape); per-layer widths are
     recorded in `prunetune_subnet.json` and need `load_pruned`.
     """
+    return save_extracted(extract(model, subnet), subnet, out_dir)
+
+
+def save_extracted(small: nn.Module, subnet: SubnetConfig, out_dir: str | Path) -> Path:
+    """Write an extracted sub-network (`extract(model, subnet)`, trained further or not)
+    as `save_pruned` does."""
     out = Path(out_dir)
-    small = extract(model, subnet)
-    if _llama_rejects(small.config):
+    as_mistral = _llama_rejects(small.config)
+    if as_mistral:
         small.config = _as_mistral(small.config)
     small.save_pretrained(out)
-    if small.config.model_type == "mistral" and model.config.model_type == "llama":
+    if as_mistral:
         small.config.architectures = ["MistralForCausalLM"]
         small.config.save_pretrained(out)
     record = {"subnet": subnet.to_dict(), "uniform": subnet.is_uniform}

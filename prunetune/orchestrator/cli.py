@@ -7,12 +7,15 @@ import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 
 from prunetune.orchestrator.console import LOG_FILE, quiet_output
 from prunetune.orchestrator.spec import Spec, SpecError, default_spec, load_spec
+from prunetune.training.settings import DEFAULT_TRAINING_TEXT, DistillSettings
+
+DISTILL = DistillSettings()
 
 FRONT_COLUMNS = ("config_hash", "num_layers", "q_heads", "mlp", "embed", "params")
 VERBOSE_HELP = (f"show Ray's, Tune's and the libraries' output on the terminal (by default it "
@@ -51,6 +54,24 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--pick", type=int, required=True, help="row of the front table")
     export.add_argument("--out", required=True, help="output directory")
+
+    recover = sub.add_parser("recover", help="distil a front point back to quality and export it",
+                             description="Distil the sub-network at row N of `prunetune front "
+                                         "RUN_DIR` from the dense model (knowledge distillation "
+                                         "on training text), then write it as safetensors + config.")
+    recover.add_argument("run_dir")
+    recover.add_argument("--pick", type=int, required=True, help="row of the front table")
+    recover.add_argument("--out", required=True, help="output directory (its checkpoint/ folder "
+                                                      "lets a killed run resume)")
+    recover.add_argument("--tokens", type=int, default=DISTILL.tokens,
+                         help=f"training tokens (default {DISTILL.tokens:,})")
+    recover.add_argument("--seq-len", type=int, default=DISTILL.seq_len,
+                         help=f"tokens per training window (default {DISTILL.seq_len})")
+    recover.add_argument("--lora", type=int, default=0, metavar="RANK",
+                         help="train LoRA adapters of this rank instead of every weight")
+    recover.add_argument("--data", default=DEFAULT_TRAINING_TEXT,
+                         help="training text: gutenberg (shipped), a file, a folder of .txt "
+                              "files, or an HF dataset name/config:split (default gutenberg)")
 
     plan = sub.add_parser("plan", help="GPUs per evaluator and evaluators per cluster",
                           description="How many GPUs one evaluator of the spec's model needs, "
@@ -165,23 +186,67 @@ def _print_front(front: pd.DataFrame, objectives: dict[str, str]) -> None:
         print(shown.to_string())
 
 
-def _export(args: argparse.Namespace) -> int:
-    from prunetune.evaluators.evaluator import Evaluator
-    from prunetune.evaluators.surgery import save_pruned
-    from prunetune.orchestrator.run_record import run_spec
+def _front_pick(run_dir: str, pick: int) -> tuple[Any, int]:
+    """The sub-network at row `pick` of a run's front, and its parameter count."""
     from prunetune.search_spaces.subnet import SubnetConfig
 
-    _, front, _ = merged_front([args.run_dir])
-    if not 0 <= args.pick < len(front):
-        raise ValueError(f"--pick {args.pick}: the front has rows 0..{len(front) - 1}")
-    subnet = SubnetConfig.from_json(front.iloc[args.pick]["config_json"])
-    settings = run_spec(args.run_dir).evaluator_settings()
-    evaluator = Evaluator(replace(settings, device="cpu", tasks=()))
+    _, front, _ = merged_front([run_dir])
+    if not 0 <= pick < len(front):
+        raise ValueError(f"--pick {pick}: the front has rows 0..{len(front) - 1}")
+    row = front.iloc[pick]
+    return SubnetConfig.from_json(row["config_json"]), int(row["params"])
+
+
+def _dense_evaluator(run_dir: str, device: str) -> Any:
+    """The run's dense model, sorted by importance as its search saw it, on `device`."""
+    from prunetune.evaluators.evaluator import Evaluator
+    from prunetune.orchestrator.run_record import run_spec
+
+    settings = run_spec(run_dir).evaluator_settings()
+    return Evaluator(replace(settings, device=device, tasks=()))
+
+
+def _saved(out: Path, subnet: Any, params: int) -> str:
+    """How to load what was written to `out`."""
+    if subnet.is_uniform:
+        return (f"wrote {out} ({params:,} parameters): "
+                f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return f"wrote {out}: per-layer widths, load with prunetune.evaluators.surgery.load_pruned"
+
+
+def _export(args: argparse.Namespace) -> int:
+    from prunetune.evaluators.surgery import save_pruned
+
+    subnet, params = _front_pick(args.run_dir, args.pick)
+    evaluator = _dense_evaluator(args.run_dir, "cpu")
     out = save_pruned(evaluator.model, subnet, args.out)
     evaluator.tokenizer.save_pretrained(out)
-    print(f"wrote {out} ({front.iloc[args.pick]['params']:,} parameters): "
-          f"AutoModelForCausalLM.from_pretrained({str(out)!r})" if subnet.is_uniform
-          else f"wrote {out}: per-layer widths, load with prunetune.evaluators.surgery.load_pruned")
+    print(_saved(out, subnet, params))
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from prunetune.evaluators.perplexity import perplexity
+    from prunetune.evaluators.surgery import extract, save_extracted
+    from prunetune.training.data import training_windows
+    from prunetune.training.distill import distill
+    from prunetune.training.settings import DEFAULT_TRAINING_TEXT, DistillSettings
+
+    settings = DistillSettings(tokens=args.tokens, seq_len=args.seq_len, lora_rank=args.lora)
+    subnet, params = _front_pick(args.run_dir, args.pick)
+    evaluator = _dense_evaluator(args.run_dir, "auto")
+    student = extract(evaluator.model, subnet)
+    batch = evaluator.settings.batch_size
+    before = perplexity(student, evaluator.windows, batch)["perplexity"]
+    windows = training_windows(evaluator.tokenizer, args.data, settings.seq_len)
+    out = Path(args.out)
+    result = distill(evaluator.model, student, windows, settings, checkpoint_dir=out / "checkpoint")
+    after = perplexity(student, evaluator.windows, batch)["perplexity"]
+    save_extracted(student, subnet, out)
+    evaluator.tokenizer.save_pretrained(out)
+    print(f"distilled on {result.tokens:,} tokens of {args.data} in {result.seconds:.0f} s: "
+          f"perplexity on the run's evaluation windows {before:.4g} -> {after:.4g}")
+    print(_saved(out, subnet, params))
     return 0
 
 
@@ -204,7 +269,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"search": _search, "resume": _resume, "front": _front, "export": _export,
-            "plan": _plan}
+            "recover": _recover, "plan": _plan}
 
 
 if __name__ == "__main__":

@@ -21,12 +21,10 @@ import torch
 
 from prunetune.evaluators.data import WIKITEXT2_FILES
 from prunetune.evaluators.perplexity import cut_windows
+from prunetune.training.settings import DEFAULT_TRAINING_TEXT
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 """The shipped training corpus: six public-domain novels (see its README.md)."""
-
-DEFAULT_CORPUS = "gutenberg"
-"""The name of the shipped corpus as a training data source."""
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 """The files of a folder source that are read, each one document."""
@@ -49,7 +47,7 @@ def training_documents(source: str) -> list[str]:
     (each row's `text` one document). An evaluation split is refused.
     """
     refuse_evaluation_data(source)
-    if source == DEFAULT_CORPUS:
+    if source == DEFAULT_TRAINING_TEXT:
         return folder_documents(CORPUS_DIR)
     path = Path(source).expanduser()
     if path.is_dir():
@@ -59,7 +57,7 @@ def training_documents(source: str) -> list[str]:
     if is_dataset_name(source) and importlib.util.find_spec("datasets") is not None:
         return dataset_documents(source)
     raise FileNotFoundError(
-        f"unknown training data {source!r}: give {DEFAULT_CORPUS!r} (the shipped corpus), a "
+        f"unknown training data {source!r}: give {DEFAULT_TRAINING_TEXT!r} (the shipped corpus), a "
         "text file, a folder of .txt files, or a Hugging Face dataset 'name/config:split' "
         "(that needs `pip install datasets`)"
     )
@@ -76,7 +74,7 @@ def refuse_evaluation_data(source: str) -> None:
     split = source.rsplit(":", 1)[1].partition("[")[0] if is_dataset_name(source) else None
     if source in WIKITEXT2_FILES or split in EVALUATION_SPLITS:
         raise ValueError(
-            f"training data {source!r} is evaluation data: train on {DEFAULT_CORPUS!r}, "
+            f"training data {source!r} is evaluation data: train on {DEFAULT_TRAINING_TEXT!r}, "
             "your own text files, or a dataset's train split"
         )
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+DEFAULT_TRAINING_TEXT = "gutenberg"
+"""The training text when none is named: the shipped corpus of public-domain novels."""
+
+
 @dataclass(frozen=True)
 class DistillSettings:
     """One distillation run.
