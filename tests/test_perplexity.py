@@ -133,17 +133,18 @@ def test_a_missing_override_folder_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as error:
         load_text("wikitext2")
     assert str(error.value) == (
-        f"PRUNETUNE_DATA={str(tmp_path / 'missing')!r} is not a directory: point it at a "
-        "folder that holds wikitext-2/ and piqa/, or unset it to read the data shipped "
-        "with prunetune")
+        f"'wikitext2' reads wikitext-2/test.txt, and PRUNETUNE_DATA="
+        f"{str(tmp_path / 'missing')!r} is not a directory: point it at a folder that holds "
+        "wikitext-2/ and piqa/, or unset it to read the data shipped with prunetune")
 
 
 def test_a_file_missing_from_the_override_folder_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNETUNE_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError) as error:
         load_text("wikitext2-raw:valid")
-    assert str(error.value) == (f"PRUNETUNE_DATA={str(tmp_path)!r} has no "
-                                "wikitext-2-raw/valid.txt (nor wikitext-2-raw/valid.txt.gz)")
+    assert str(error.value) == (
+        f"'wikitext2-raw:valid' reads wikitext-2-raw/valid.txt, and PRUNETUNE_DATA="
+        f"{str(tmp_path)!r} has no such file (nor wikitext-2-raw/valid.txt.gz)")
 
 
 def test_load_text_reads_a_path(tmp_path):

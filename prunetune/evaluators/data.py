@@ -47,16 +47,20 @@ def data_dir() -> Path:
     return path
 
 
-def data_file(relative: str) -> Path:
-    """The file of the data folder that holds `relative` (`wikitext-2/test.txt`, say),
-    as it is or gzip-compressed (`wikitext-2/test.txt.gz`)."""
-    folder = data_dir()
+def data_file(name: str, relative: str) -> Path:
+    """The file that holds `relative` (`wikitext-2/test.txt`, say) in the data folder, as it
+    is or gzip-compressed (`.gz`). `name` is the data a spec asked for, for the error."""
+    try:
+        folder = data_dir()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{name!r} reads {relative}, and {err}") from None
     for path in (folder / relative, folder / f"{relative}.gz"):
         if path.is_file():
             return path
     configured = os.environ.get(DATA_ENV)
     where = f"{DATA_ENV}={configured!r}" if configured else f"the prunetune package ({folder})"
-    raise FileNotFoundError(f"{where} has no {relative} (nor {relative}.gz)")
+    raise FileNotFoundError(f"{name!r} reads {relative}, and {where} has no such file "
+                            f"(nor {relative}.gz)")
 
 
 def read_text(path: Path) -> str:
@@ -77,7 +81,7 @@ def text_file(source: str) -> Path | None:
     FileNotFoundError, naming the options, for anything else; nothing is read.
     """
     if source in TEXT_SOURCES:
-        return data_file(TEXT_SOURCES[source])
+        return data_file(source, TEXT_SOURCES[source])
     path = Path(source).expanduser()
     if path.is_file():
         return path

@@ -192,7 +192,7 @@ def task_files(name: str) -> tuple[Path, ...]:
     """The files a task reads, found but not read: PIQA's in the data folder, or the
     task's own `.jsonl` file. An unknown task or a missing file raises, naming it."""
     if name == "piqa":
-        return tuple(data_file(relative) for relative in PIQA_FILES)
+        return tuple(data_file(name, relative) for relative in PIQA_FILES)
     if name.endswith(".jsonl"):
         path = Path(name).expanduser()
         if not path.is_file():
