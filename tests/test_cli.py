@@ -10,8 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prunetune.evaluators.model import random_model, tiny_config
+from prunetune.orchestrator import search
 from prunetune.orchestrator.cli import main
 from prunetune.orchestrator.results import ResultLog
+from prunetune.orchestrator.spec import default_spec
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +85,21 @@ def test_every_command_has_help() -> None:
         out = subprocess.run([sys.executable, "-m", "prunetune.orchestrator.cli", command, "--help"],
                              capture_output=True, text=True, check=True).stdout
         assert out.startswith(f"usage: prunetune {command}")
+
+
+def test_search_without_a_spec_runs_the_built_in_search(monkeypatch, tmp_path) -> None:
+    searched = []
+
+    class Started(Exception):
+        pass
+
+    def run_search(spec):
+        searched.append(spec)
+        raise Started
+
+    monkeypatch.setattr(search, "run_search", run_search)
+    with pytest.raises(Started):
+        main(["search", "--run-dir", str(tmp_path / "run")])
+    (spec,) = searched
+    assert spec.constraints == ["params >= 0.65 * dense"] and spec.algorithm.num_samples == 20
+    assert spec == default_spec().model_copy(update={"run_dir": str(tmp_path / "run")})
