@@ -52,16 +52,15 @@ def data_problems(spec: Spec) -> list[tuple[str, str]]:
     activation importance.
     """
     evaluation = spec.evaluation
-    texts = [] if is_config_file(spec.model) else [("evaluation.data", evaluation.data)]
-    if texts and evaluation.importance == "activation":
-        texts.append(("evaluation.calibration", evaluation.calibration))
-    problems = [(field, reason) for field, value in texts
-                if (reason := _problem(text_file, value)) is not None]
-    for i, task in enumerate(evaluation.tasks):
-        reason = _problem(task_files, task)
-        if reason is not None:
-            problems.append((f"evaluation.tasks[{i}]", reason))
-    return problems
+    checks: list[tuple[str, Callable[[str], object], str]] = []
+    if not is_config_file(spec.model):
+        checks.append(("evaluation.data", text_file, evaluation.data))
+        if evaluation.importance == "activation":
+            checks.append(("evaluation.calibration", text_file, evaluation.calibration))
+    checks += [(f"evaluation.tasks[{i}]", task_files, task)
+               for i, task in enumerate(evaluation.tasks)]
+    return [(field, reason) for field, find, value in checks
+            if (reason := _problem(find, value)) is not None]
 
 
 def _problem(find: Callable[[str], object], value: str) -> str | None:
