@@ -10,8 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prunetune.evaluators.model import random_model, tiny_config
+from prunetune.orchestrator import search
 from prunetune.orchestrator.cli import main
 from prunetune.orchestrator.results import ResultLog
+from prunetune.orchestrator.spec import default_spec
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +129,21 @@ def test_recover_refuses_evaluation_text(tiny_run, tmp_path, capsys) -> None:
     assert main(["recover", str(tiny_run / "run"), "--pick", "0", "--out", str(tmp_path / "r"),
                  "--data", "wikitext2"]) == 2
     assert "evaluation data" in capsys.readouterr().err
+
+
+def test_search_without_a_spec_runs_the_built_in_search(monkeypatch, tmp_path) -> None:
+    searched = []
+
+    class Started(Exception):
+        pass
+
+    def run_search(spec):
+        searched.append(spec)
+        raise Started
+
+    monkeypatch.setattr(search, "run_search", run_search)
+    with pytest.raises(Started):
+        main(["search", "--run-dir", str(tmp_path / "run")])
+    (spec,) = searched
+    assert spec.constraints == ["params >= 0.65 * dense"] and spec.algorithm.num_samples == 20
+    assert spec == default_spec().model_copy(update={"run_dir": str(tmp_path / "run")})

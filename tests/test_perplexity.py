@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.machinery
 import math
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
+import prunetune
 from prunetune.evaluators import data, perplexity as ppl
 from prunetune.evaluators.data import data_dir, load_text
 from prunetune.evaluators.model import random_model, tiny_config
@@ -89,48 +92,68 @@ def test_tokenize_windows_limits_the_count_and_rejects_short_text():
         tokenize_windows(CharTokenizer(), text, 501)
 
 
-def test_data_dir_prefers_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRUNETUNE_DATA", str(tmp_path))
-    assert data_dir() == tmp_path
-    monkeypatch.setenv("PRUNETUNE_DATA", str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="PRUNETUNE_DATA"):
-        data_dir()
-
-
-def test_data_dir_walks_up_from_the_current_directory(tmp_path, monkeypatch):
-    monkeypatch.delenv("PRUNETUNE_DATA", raising=False)
-    (tmp_path / "shared" / "data").mkdir(parents=True)
-    (tmp_path / "main" / "sub").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "main" / "sub")
-    assert data_dir() == tmp_path / "shared" / "data"
-
-
-def test_data_dir_says_how_to_point_at_the_data(tmp_path, monkeypatch):
+def test_the_shipped_data_resolves_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("PRUNETUNE_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "__file__", str(tmp_path / "pkg" / "data.py"))
-    with pytest.raises(FileNotFoundError, match="set PRUNETUNE_DATA"):
-        data_dir()
-
-
-def test_data_dir_finds_the_shared_data_from_the_package(tmp_path, monkeypatch):
-    monkeypatch.delenv("PRUNETUNE_DATA", raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert (data_dir() / "wikitext-2" / "test.txt").is_file()
+    assert data_dir() == data.PACKAGE_DATA
+    assert data.PACKAGE_DATA.parent == Path(prunetune.__file__).parent
+    assert load_text("wikitext2").startswith(" \n = Robert <unk> = \n")
 
 
 def test_load_text_resolves_wikitext2_splits():
     test = load_text("wikitext2")
     assert test == load_text("wikitext2:test")
-    assert test.startswith(" \n = Robert <unk> = \n")
+    assert len(test.splitlines()) == 4358
     valid = load_text("wikitext2:valid")
     assert valid != test and len(valid) > 1_000_000
+
+
+def test_load_text_resolves_the_raw_wikitext2_splits():
+    test = load_text("wikitext2-raw")
+    assert test == load_text("wikitext2-raw:test")
+    assert test.startswith(" \n = Robert Boulter = \n \n Robert Boulter is an English film")
+    assert "<unk>" not in test and "\r" not in test and len(test.splitlines()) == 4358
+    valid = load_text("wikitext2-raw:valid")
+    assert valid.startswith(" \n = Homarus gammarus = \n") and len(valid.splitlines()) == 3760
+
+
+def test_prunetune_data_overrides_the_shipped_data(tmp_path, monkeypatch):
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "test.txt").write_text("plain text\n", encoding="utf-8")
+    with gzip.open(tmp_path / "wikitext-2" / "valid.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("compressed text\n")
+    monkeypatch.setenv("PRUNETUNE_DATA", str(tmp_path))
+    assert data_dir() == tmp_path
+    assert load_text("wikitext2") == "plain text\n"
+    assert load_text("wikitext2:valid") == "compressed text\n"
+
+
+def test_a_missing_override_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNETUNE_DATA", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError) as error:
+        load_text("wikitext2")
+    assert str(error.value) == (
+        f"'wikitext2' reads wikitext-2/test.txt, and PRUNETUNE_DATA="
+        f"{str(tmp_path / 'missing')!r} is not a directory: point it at a folder that holds "
+        "wikitext-2/ and piqa/, or unset it to read the data shipped with prunetune")
+
+
+def test_a_file_missing_from_the_override_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNETUNE_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as error:
+        load_text("wikitext2-raw:valid")
+    assert str(error.value) == (
+        f"'wikitext2-raw:valid' reads wikitext-2-raw/valid.txt, and PRUNETUNE_DATA="
+        f"{str(tmp_path)!r} has no such file (nor wikitext-2-raw/valid.txt.gz)")
 
 
 def test_load_text_reads_a_path(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("some text\n", encoding="utf-8")
     assert load_text(str(path)) == "some text\n"
+    packed = tmp_path / "corpus.txt.gz"
+    packed.write_bytes(gzip.compress("packed text\n".encode()))
+    assert load_text(str(packed)) == "packed text\n"
 
 
 def test_load_text_names_the_options_for_an_unknown_source(monkeypatch):

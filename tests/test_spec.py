@@ -32,12 +32,16 @@ def _write(tmp_path, data, name="spec.yaml"):
 
 def test_defaults_run_a_small_cpu_search_on_smollm2(tmp_path):
     spec = default_spec()
-    assert spec == load_spec(_write(tmp_path, ""))
+    empty = load_spec(_write(tmp_path, ""))
+    assert spec == empty.model_copy(update={
+        "constraints": ["params >= 0.65 * dense"],
+        "algorithm": empty.algorithm.model_copy(update={"num_samples": 20})})
+    assert empty.constraints == [] and empty.algorithm.num_samples == 40
     assert (spec.model, spec.dtype, spec.search_space.preset) == ("smollm2", "float32", "uniform")
     assert spec.objectives == {"perplexity": "min", "params": "min"}
     assert spec.metrics_needed() == ["perplexity", "params"]
     assert (spec.resources.gpus_per_evaluator, spec.resources.sharding) == (0, "none")
-    assert spec.algorithm.num_samples == 40 and spec.evaluation.seq_len == 256
+    assert spec.evaluation.seq_len == 256
     space = make_space(spec.search_space.preset, SMOLLM2, **spec.search_space.bounds())
     assert space.min_ratio == 0.25
 

@@ -17,7 +17,7 @@ from prunetune.evaluators.zeroshot import (
     evaluate_tasks,
     load_task,
     loglikelihoods,
-    token_loglikelihoods,
+    task_files, token_loglikelihoods,
 )
 from char_tokenizer import CharTokenizer
 
@@ -215,3 +215,20 @@ def test_smollm2_continuation_tokens_are_the_tail_of_the_joint_encoding(smollm2_
     context, continuation = encode_pair(tokenizer, "Question: is it?\nAnswer: ", "yes")
     assert tokenizer.decode(context) == "Question: is it?\nAnswer:"
     assert tokenizer.decode(continuation) == " yes"
+
+
+def test_piqa_reads_the_prunetune_data_folder_when_set(tmp_path, monkeypatch):
+    (tmp_path / "piqa").mkdir()
+    rows = [{"goal": "g1", "sol1": "a", "sol2": "b"}, {"goal": "g2", "sol1": "c", "sol2": "d"}]
+    (tmp_path / "piqa" / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "piqa" / "valid-labels.lst").write_text("1\n0\n")
+    monkeypatch.setenv("PRUNETUNE_DATA", str(tmp_path))
+    assert [(item.context, item.label) for item in load_task("piqa")] == [
+        ("Question: g1\nAnswer:", 1), ("Question: g2\nAnswer:", 0)]
+
+
+def test_task_files_finds_without_reading_and_names_a_missing_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("PRUNETUNE_DATA", raising=False)
+    assert [path.name for path in task_files("piqa")] == ["valid.jsonl.gz", "valid-labels.lst"]
+    with pytest.raises(FileNotFoundError, match="^task file not found: /nowhere/t.jsonl$"):
+        task_files("/nowhere/t.jsonl")

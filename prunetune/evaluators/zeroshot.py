@@ -18,12 +18,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from prunetune.evaluators.data import data_dir
+from prunetune.evaluators.data import data_file, read_text
 from prunetune.evaluators.perplexity import (
     LOGIT_CHUNK_ELEMENTS, hidden_states, model_device, token_logprobs,
 )
 
 BUILTIN_TASKS = ("piqa",)
+
+PIQA_FILES = ("piqa/valid.jsonl", "piqa/valid-labels.lst")
+"""The PIQA validation split in the data folder: questions, and the labels aligned with them."""
 
 
 @dataclass(frozen=True)
@@ -218,40 +221,53 @@ def evaluate_tasks(
     return metrics
 
 
+def task_files(name: str) -> tuple[Path, ...]:
+    """The files a task reads, found but not read: PIQA's in the data folder, or the
+    task's own `.jsonl` file. An unknown task or a missing file raises, naming it."""
+    if name == "piqa":
+        return tuple(data_file(name, relative) for relative in PIQA_FILES)
+    if name.endswith(".jsonl"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"task file not found: {name}")
+        return (path,)
+    raise ValueError(
+        f"unknown task {name!r}: available tasks are {', '.join(BUILTIN_TASKS)}, or a "
+        'path to an existing .jsonl file of {"context", "choices", "label"} lines'
+    )
+
+
 def load_task(name: str, limit: int | None = None) -> list[Item]:
-    """The items of a task: `piqa` (validation split, from `data_dir()`), or a `.jsonl` file.
+    """The items of a task: `piqa` (validation split, shipped with prunetune), or a `.jsonl` file.
 
     A task file holds one item per line: {"context", "choices", "label"} and optionally
     "target_delimiter". `limit` keeps the first items, as the harness's `--limit` does.
     """
     if name == "piqa":
         items = [_piqa_item(doc) for doc in piqa_documents()]
-    elif name.endswith(".jsonl") and Path(name).expanduser().is_file():
-        items = _load_jsonl(Path(name).expanduser())
     else:
-        raise ValueError(
-            f"unknown task {name!r}: available tasks are {', '.join(BUILTIN_TASKS)}, or a "
-            'path to an existing .jsonl file of {"context", "choices", "label"} lines'
-        )
+        items = _load_jsonl(task_files(name)[0])
     return items if limit is None else items[:limit]
 
 
 def piqa_documents() -> list[dict[str, Any]]:
-    """PIQA's validation split from `data_dir()/piqa`: {"goal", "sol1", "sol2", "label"}.
+    """PIQA's validation split (shipped, or from `$PRUNETUNE_DATA`): {"goal", "sol1",
+    "sol2", "label"}.
 
     These are the documents of lm-eval's `piqa` task; the labels, a separate file aligned
     line by line with the questions, become each document's int `label`.
     """
-    folder = data_dir() / "piqa"
-    docs = _read_jsonl(folder / "valid.jsonl")
-    labels = (folder / "valid-labels.lst").read_text(encoding="utf-8").split()
-    if len(labels) != len(docs):
-        raise ValueError(f"{folder}: {len(docs)} questions but {len(labels)} labels")
-    return [{**doc, "label": int(label)} for doc, label in zip(docs, labels)]
+    questions, labels = task_files("piqa")
+    docs = _read_jsonl(questions)
+    answers = read_text(labels).split()
+    if len(answers) != len(docs):
+        raise ValueError(f"{labels}: {len(answers)} labels for the {len(docs)} questions "
+                         f"of {questions}")
+    return [{**doc, "label": int(label)} for doc, label in zip(docs, answers)]
 
 
 def _piqa_item(doc: dict[str, Any]) -> Item:
-    """A PIQA document in the harness's prompt: "Question: {goal}\\nAnswer:" then " " + solution."""
+    """A PIQA document in the harness's prompt: "Question: {goal}\nAnswer:" then " " + solution."""
     context = f"Question: {doc['goal']}\nAnswer:"
     return Item(context, (doc["sol1"], doc["sol2"]), doc["label"], target_delimiter=" ")
 
@@ -273,7 +289,4 @@ def _load_jsonl(path: Path) -> list[Item]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"task file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]

@@ -93,14 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from prunetune.evaluators.data import data_dir
+    from prunetune.orchestrator.preflight import check_inputs
     from prunetune.orchestrator.search import run_search
 
     spec = load_spec(args.spec) if args.spec else default_spec()
     overrides = {k: v for k, v in (("run_dir", args.run_dir), ("address", args.address)) if v}
     spec = load_spec({**spec.model_dump(mode="json"), **overrides}).with_run_dir()
-    if not args.spec:
-        data_dir()
+    check_inputs(spec, args.spec or "default spec")
     with _output(spec.run_dir, args.verbose):
         outcome = run_search(spec)
     _print_front(outcome.front, dict(spec.objectives))

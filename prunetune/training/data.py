@@ -11,7 +11,6 @@ the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunetune.evaluators.data import WIKITEXT2_FILES
+from prunetune.evaluators.data import TEXT_SOURCES, read_text
 from prunetune.evaluators.perplexity import cut_windows
 from prunetune.training.settings import DEFAULT_TRAINING_TEXT
 
@@ -53,7 +52,7 @@ def training_documents(source: str) -> list[str]:
     if path.is_dir():
         return folder_documents(path)
     if path.is_file():
-        return [read_document(path)]
+        return [read_text(path)]
     if is_dataset_name(source) and importlib.util.find_spec("datasets") is not None:
         return dataset_documents(source)
     raise FileNotFoundError(
@@ -72,7 +71,7 @@ def refuse_evaluation_data(source: str) -> None:
     """Raise for the evaluation corpora and for a dataset's test or validation split: a
     student distilled on them would be scored on its own training text."""
     split = source.rsplit(":", 1)[1].partition("[")[0] if is_dataset_name(source) else None
-    if source in WIKITEXT2_FILES or split in EVALUATION_SPLITS:
+    if source in TEXT_SOURCES or split in EVALUATION_SPLITS:
         raise ValueError(
             f"training data {source!r} is evaluation data: train on {DEFAULT_TRAINING_TEXT!r}, "
             "your own text files, or a dataset's train split"
@@ -84,15 +83,7 @@ def folder_documents(folder: Path) -> list[str]:
     files = sorted(p for p in folder.iterdir() if p.name.endswith(TEXT_SUFFIXES))
     if not files:
         raise FileNotFoundError(f"training data folder {folder} has no .txt or .txt.gz files")
-    return [read_document(path) for path in files]
-
-
-def read_document(path: Path) -> str:
-    """The UTF-8 text of a file, decompressed when its name ends in `.gz`."""
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8")
+    return [read_text(path) for path in files]
 
 
 def dataset_documents(source: str) -> list[str]:
