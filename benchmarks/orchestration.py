@@ -35,7 +35,8 @@ class FixedTimeEvaluator(EvaluatorBase):
         self.evaluator_id = evaluator_id
 
     def info(self) -> dict[str, Any]:
-        return {"evaluator_id": self.evaluator_id, "model_config": SMOLLM2, "layer_order": None}
+        return {"evaluator_id": self.evaluator_id, "model_config": SMOLLM2, "layer_order": None,
+                "load_seconds": 0.0}
 
     def model_config(self) -> Any:
         return SMOLLM2

@@ -160,6 +160,18 @@ def test_a_task_file_that_does_not_exist(tmp_path, capsys, llama_dir) -> None:
         "evaluation.tasks[1]: task file not found: /nowhere/task.jsonl")
 
 
+def test_an_lm_eval_task_needs_lm_eval_installed(tmp_path, capsys, monkeypatch, llama_dir) -> None:
+    import importlib.util
+
+    spec = f"model: {llama_dir}\nevaluation: {{tasks: [piqa, lm_eval:arc_easy]}}\n"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    assert search_fails(tmp_path, capsys, spec) == (
+        "evaluation.tasks[1]: 'lm_eval:arc_easy' runs through lm-evaluation-harness, which is "
+        'not installed: pip install "prunetune[lm_eval]"')
+
+
 def test_a_prunetune_data_folder_without_the_data(tmp_path, capsys, monkeypatch,
                                                   llama_dir) -> None:
     monkeypatch.setenv("PRUNETUNE_DATA", str(tmp_path))
