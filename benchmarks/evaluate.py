@@ -7,8 +7,8 @@ On a GPU (--gpu): a Llama-3-8B-shaped model with random bf16 weights, built on t
 the `Evaluator` itself (its model source is the config file); the evaluator's perplexity
 throughput (`Evaluator.evaluate`, dense, then extracted and masked sub-networks) against a
 plain Hugging Face forward + loss over the same windows, side by side; then measured
-prefill and decode latency (batch 1 and 16) of the dense model and of uniform
-sub-networks with about 75% and 50% of its parameters.
+prefill and decode latency in eager mode (batch 1 and 16) of the dense model and of uniform
+sub-networks with about 75% and 50% of its parameters (graph mode: `latency.py`).
 
     python benchmarks/evaluate.py [--long]
     python benchmarks/evaluate.py --gpu [--windows 32] [--batch 4] [--out results.json]
@@ -143,7 +143,7 @@ def gpu_latency(prompt_tokens: int, decode_tokens: int, batch: int) -> dict:
     config = AutoConfig.from_pretrained(LLAMA3_8B)
     dense_params = count_params(config, SubnetConfig.dense(config))
     settings = LatencySettings(prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
-                               batch_size=batch, repeats=5, warmup=2)
+                               batch_size=batch, repeats=5, warmup=2, mode="eager")
     rows = []
     for fraction in (1.0, 0.75, 0.5):
         subnet = SubnetConfig.dense(config) if fraction == 1.0 else uniform_subnet(config, fraction)

@@ -57,7 +57,7 @@ FULL = {
     "algorithm": {"name": "nsga2", "num_samples": 200, "seed": 3, "population_size": 24,
                   "warm_start": ["magnitude", "shortgpt"]},
     "evaluation": {"tasks": ["piqa"], "task_limit": None, "mode": "masked",
-                   "latency": {"enabled": True, "repeats": 3}},
+                   "latency": {"enabled": True, "repeats": 3, "mode": "eager"}},
     "resources": {"evaluators": 2, "gpus_per_evaluator": "auto", "cpus_per_evaluator": 2.5,
                   "sharding": "zero3", "offload": "cpu"},
     "address": "ray://head:10001",
@@ -70,6 +70,8 @@ def test_a_yaml_file_round_trips(tmp_path):
     spec = load_spec(_write(tmp_path, FULL))
     assert spec.search_space.bounds() == {"min_layers": 20, "min_ratio": 0.5, "neuron_step": 128}
     assert spec.evaluation.latency.repeats == 3 and spec.evaluation.task_limit is None
+    assert spec.evaluator_settings().latency.mode == "eager"
+    assert load_spec({}).evaluator_settings().latency.mode == "graph"
     again = load_spec(_write(tmp_path, spec.to_yaml(), "again.yaml"))
     assert again == spec
     assert again.to_yaml() == spec.to_yaml()
@@ -99,6 +101,8 @@ def test_run_dir_defaults_to_name_and_utc_time():
          "evaluation.seq_len: Input should be a valid integer"),
         ({"evaluation": {"latency": {"enabled": "yes please"}}},
          "evaluation.latency.enabled: Input should be a valid boolean"),
+        ({"evaluation": {"latency": {"mode": "compiled"}}},
+         "evaluation.latency.mode: Input should be 'graph' or 'eager'"),
         ({"evalution": {}}, "evalution: Extra inputs are not permitted"),
         ({"algorithm": {"name": "nsga2", "pop": 4}},
          "algorithm.pop: Extra inputs are not permitted"),

@@ -4,6 +4,22 @@ Prefill of a P-token prompt and per-token decode with a KV cache, batch B: warm-
 then several timed repetitions, reported as the median with its spread. Latency depends on
 the shapes only, so it runs on random weights of the sub-network's shapes and is cached by
 shape: two sub-networks with the same widths (whichever layers they keep) share a result.
+
+Two modes (`LatencySettings.mode`), each cached under its own key:
+
+- `graph` (the default; CUDA): what a deployment runs. A transformers `StaticCache` of
+  P + D positions; prefill is one forward through the fused SDPA kernels (flash attention
+  on the causal prompt) that keeps the last position's logits only; greedy decode is one
+  step (forward of one token per sequence, argmax, the token fed back, the cache advanced)
+  captured once in a CUDA graph and replayed D times back to back, with no host work in
+  between. `latency_decode_ms` is the time of those D replays over D: milliseconds per
+  generated token of the whole batch.
+- `eager`: every step launched from Python on a growing `DynamicCache`, each decode step
+  timed alone with the median over the D steps; prefill keeps every position's logits.
+  On a GPU it is bound by launch overhead, so pruning widths hardly moves it. It is what
+  runs on CPU, and wherever graph mode cannot (`latency_mode`).
+
+Times are CUDA events on a GPU, wall time on CPU, in milliseconds.
 """
 
 from __future__ import annotations
@@ -12,7 +28,7 @@ import json
 import socket
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,12 +68,36 @@ def _summary(name: str, samples: list[float]) -> dict[str, float]:
             f"latency_{name}_max_ms": ordered[-1]}
 
 
+def latency_mode(settings: LatencySettings, device: torch.device | str, model_config: Any) -> str:
+    """The mode that runs: `graph` where asked and possible, else `eager`.
+
+    A CUDA graph needs a CUDA device, and a cache that advances on the device: transformers
+    tracks the fill of a sliding-window layer's static cache on the host, so a captured step
+    would replay one position forever. Elsewhere the eager figure is measured, and cached
+    under mode `eager`.
+    """
+    from transformers import StaticCache
+
+    if settings.mode == "eager" or torch.device(device).type != "cuda":
+        return "eager"
+    sliding = StaticCache(config=model_config, max_cache_len=1).is_sliding
+    return "eager" if any(sliding) else "graph"
+
+
 @torch.inference_mode()
 def measure_latency(model: nn.Module, settings: LatencySettings) -> dict[str, float]:
     """Median, min and max of prefill time and of per-token decode time, in milliseconds."""
+    device = next(model.parameters()).device
+    if latency_mode(settings, device, model.config) == "graph":
+        return _graph_latency(model, settings, device)
+    return _eager_latency(model, settings, device)
+
+
+def _eager_latency(model: nn.Module, settings: LatencySettings,
+                   device: torch.device) -> dict[str, float]:
+    """Every step launched from Python on a growing cache; decode is the median step."""
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
     timer = _Timer(device)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (settings.batch_size, settings.prompt_tokens), device=device)
@@ -74,9 +114,78 @@ def measure_latency(model: nn.Module, settings: LatencySettings) -> dict[str, fl
     return {**_summary("prefill", prefill), **_summary("decode", decode)}
 
 
+def _graph_latency(model: nn.Module, settings: LatencySettings,
+                   device: torch.device) -> dict[str, float]:
+    """Prefill into a static cache, then the captured decode step replayed back to back."""
+    from transformers import StaticCache
+
+    timer = _Timer(device)
+    tokens = settings.decode_tokens
+    prompt = torch.randint(0, model.config.vocab_size,
+                           (settings.batch_size, settings.prompt_tokens), device=device)
+    token = torch.empty(settings.batch_size, 1, dtype=torch.long, device=device)
+    cache = StaticCache(config=model.config, max_cache_len=settings.prompt_tokens + tokens)
+    prefill_greedy(model, prompt, cache, token)
+    graph = DecodeGraph(model, cache, token)
+    prefill, decode = [], []
+    for run in range(settings.warmup + settings.repeats):
+        cache.reset()
+        prefill_ms = timer(lambda: prefill_greedy(model, prompt, cache, token))
+        decode_ms = timer(lambda: graph.replay(tokens))
+        if run >= settings.warmup:
+            prefill.append(prefill_ms)
+            decode.append(decode_ms / tokens)
+    return {**_summary("prefill", prefill), **_summary("decode", decode)}
+
+
+def prefill_greedy(model: nn.Module, prompt: torch.Tensor, cache: Any,
+                   token: torch.Tensor) -> torch.Tensor:
+    """Run `prompt` into `cache`, write its greedy next token into `token`; the last logits.
+
+    Only the last position's logits are computed, as a generating deployment does.
+    """
+    logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+    return logits
+
+
+class DecodeGraph:
+    """One greedy decode step over a static KV cache, captured in a CUDA graph.
+
+    `token` (batch, 1) is the step's input and output: a replay reads it, writes the step's
+    logits into `logits` and the argmax back into `token`, and advances `cache` by one
+    position. The positions, the causal mask and the cache writes all derive from the
+    cache's fill counters, which live on the device, so one capture serves every position:
+    no compilation, and no tensor to update between replays. Capturing does not run the
+    step, but the warm-up before it does: reset the cache before the first real prefill.
+    """
+
+    def __init__(self, model: nn.Module, cache: Any, token: torch.Tensor) -> None:
+        self.model, self.cache, self.token = model, cache, token
+        side = torch.cuda.Stream(token.device)
+        side.wait_stream(torch.cuda.current_stream(token.device))
+        with torch.cuda.stream(side):
+            self._step()  # lazy library and workspace set-up stays out of the graph
+        torch.cuda.current_stream(token.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def _step(self) -> torch.Tensor:
+        logits = self.model(self.token, past_key_values=self.cache, use_cache=True).logits
+        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        return logits
+
+    def replay(self, steps: int) -> None:
+        """Decode `steps` tokens: the captured step, launched `steps` times."""
+        for _ in range(steps):
+            self.graph.replay()
+
+
 def shape_key(subnet: SubnetConfig, settings: LatencySettings, device: torch.device | str,
               dtype: torch.dtype) -> str:
-    """What latency depends on: widths of the kept layers, embed, settings, device, dtype."""
+    """What latency depends on: widths of the kept layers, embed, settings (the mode among
+    them), device, dtype."""
     widths = list(zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp))
     return json.dumps({"widths": widths, "embed": subnet.embed, "settings": asdict(settings),
                        "device": str(device), "dtype": str(dtype)}, sort_keys=True)
@@ -113,7 +222,10 @@ class LatencyCache:
 def subnet_latency(model_config: Any, subnet: SubnetConfig, settings: LatencySettings,
                    device: torch.device | str, dtype: torch.dtype,
                    cache: LatencyCache | None = None) -> dict[str, float]:
-    """Latency of `subnet` measured on random weights of its shapes (cached by shape)."""
+    """Latency of `subnet` measured on random weights of its shapes (cached by shape).
+
+    The result is cached under the mode that ran (`latency_mode`), not the one asked for.
+    """
     def measure() -> dict[str, float]:
         model = random_subnet_model(model_config, subnet, dtype, device)
         try:
@@ -123,5 +235,6 @@ def subnet_latency(model_config: Any, subnet: SubnetConfig, settings: LatencySet
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
 
+    settings = replace(settings, mode=latency_mode(settings, device, model_config))
     cache = cache or LatencyCache()
     return cache.get_or_measure(shape_key(subnet, settings, device, dtype), measure)

@@ -10,15 +10,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+LATENCY_MODES = ("graph", "eager")
+"""How decode is run: `graph` (a static KV cache, each step replayed from a CUDA graph, as a
+deployment would) or `eager` (a growing cache, each step launched from Python)."""
+
+
 @dataclass(frozen=True)
 class LatencySettings:
-    """What to time: prompt length, decoded tokens, batch, and how often."""
+    """What to time: prompt length, decoded tokens, batch, how often, and how decode runs.
+
+    `mode` `graph` runs only on a CUDA device (`latency.latency_mode` says where it falls
+    back to `eager`); `eager` stays available everywhere, for comparison.
+    """
 
     prompt_tokens: int = 128
     decode_tokens: int = 16
     batch_size: int = 1
     repeats: int = 5
     warmup: int = 2
+    mode: str = "graph"
+
+    def __post_init__(self) -> None:
+        if self.mode not in LATENCY_MODES:
+            raise ValueError(f"latency.mode must be one of {', '.join(LATENCY_MODES)}, "
+                             f"got {self.mode!r}")
 
 
 @dataclass(frozen=True)

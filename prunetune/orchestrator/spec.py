@@ -24,7 +24,7 @@ from pydantic import SerializerFunctionWrapHandler, model_serializer, model_vali
 from pydantic_core import PydanticCustomError
 
 from prunetune.evaluators.settings import (
-    DEFAULTS, HARNESS_PREFIX, EvaluatorSettings, LatencySettings, task_name,
+    DEFAULTS, HARNESS_PREFIX, LATENCY_MODES, EvaluatorSettings, LatencySettings, task_name,
 )
 from prunetune.metrics import (
     ACCURACY_AVERAGE, COST_METRICS, LATENCY_METRICS, MEMORY_METRIC, PERPLEXITY_METRICS, task_of,
@@ -176,6 +176,7 @@ class LatencySpec(_Section):
     batch_size: int = Field(_LATENCY.batch_size, ge=1)
     repeats: int = Field(_LATENCY.repeats, ge=1)
     warmup: int = Field(_LATENCY.warmup, ge=0)
+    mode: Literal[LATENCY_MODES] = _LATENCY.mode
 
 
 class EvaluationSpec(_Section):

@@ -1,0 +1,111 @@
+"""Measured latency: the eager path, the choice of mode, the shape cache, and (on a GPU)
+the captured decode step against eager decode."""
+
+import json
+
+import pytest
+import torch
+
+from prunetune.evaluators.latency import (
+    DecodeGraph, LatencyCache, latency_mode, prefill_greedy, shape_key, subnet_latency,
+)
+from prunetune.evaluators.model import random_model, tiny_config
+from prunetune.evaluators.settings import LatencySettings
+from prunetune.evaluators.surgery import random_subnet_model
+from prunetune.search_spaces import SubnetConfig
+
+SUBNET = SubnetConfig(layers=(0, 2), kv_heads=(1, 2), q_per_kv=(2, 3), mlp=(20, 64), embed=32)
+SMALL = LatencySettings(prompt_tokens=8, decode_tokens=3, repeats=2, warmup=1)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def _assert_latency_metrics(result: dict[str, float]) -> None:
+    for name in ("prefill", "decode"):
+        low, mid, high = (result[f"latency_{name}{s}_ms"] for s in ("_min", "", "_max"))
+        assert 0 < low <= mid <= high
+
+
+def test_eager_latency_on_cpu() -> None:
+    result = subnet_latency(tiny_config("llama"), SUBNET, SMALL, "cpu", torch.float32)
+    _assert_latency_metrics(result)
+
+
+def test_graph_mode_needs_cuda_and_a_cache_that_advances_on_the_device() -> None:
+    llama, mistral = tiny_config("llama"), tiny_config("mistral")  # Mistral: sliding window
+    assert latency_mode(SMALL, "cuda", llama) == "graph"
+    assert latency_mode(SMALL, "cpu", llama) == "eager"
+    assert latency_mode(SMALL, "cuda", mistral) == "eager"
+    eager = LatencySettings(mode="eager")
+    assert latency_mode(eager, "cuda", llama) == "eager"
+
+
+def test_graph_asked_on_cpu_is_measured_and_cached_as_eager() -> None:
+    cache = LatencyCache()
+    first = subnet_latency(tiny_config("llama"), SUBNET, SMALL, "cpu", torch.float32, cache)
+    (key,) = cache.results
+    assert json.loads(key)["settings"]["mode"] == "eager"
+    eager = LatencySettings(**{**SMALL.__dict__, "mode": "eager"})
+    again = subnet_latency(tiny_config("llama"), SUBNET, eager, "cpu", torch.float32, cache)
+    assert again == first and len(cache.results) == 1
+
+
+def test_the_shape_key_includes_the_mode() -> None:
+    graph = shape_key(SUBNET, SMALL, "cuda", torch.bfloat16)
+    eager = shape_key(SUBNET, LatencySettings(**{**SMALL.__dict__, "mode": "eager"}), "cuda",
+                      torch.bfloat16)
+    assert graph != eager
+    assert json.loads(graph)["settings"]["mode"] == "graph"
+
+
+def test_an_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="latency.mode must be one of graph, eager"):
+        LatencySettings(mode="compiled")
+
+
+def _eager_greedy(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Logits of the prompt's last position, then of each greedy step, on a growing cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    logits = [model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:]]
+    for _ in range(steps):
+        token = logits[-1][:, -1].argmax(-1, keepdim=True)
+        logits.append(model(token, past_key_values=cache, use_cache=True).logits)
+    return logits
+
+
+def _graph_greedy(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The same through a static cache and the captured decode step."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps)
+    token = torch.empty(prompt.shape[0], 1, dtype=torch.long, device=prompt.device)
+    prefill_greedy(model, prompt, cache, token)
+    graph = DecodeGraph(model, cache, token)
+    cache.reset()
+    logits = [prefill_greedy(model, prompt, cache, token).clone()]
+    for _ in range(steps):
+        graph.replay(1)
+        logits.append(graph.logits.clone())
+    return logits
+
+
+@needs_cuda
+@pytest.mark.parametrize("subnet", [None, SUBNET], ids=["dense", "per-layer-widths"])
+@torch.inference_mode()
+def test_graph_decode_gives_the_logits_of_eager_decode(subnet: SubnetConfig | None) -> None:
+    config = tiny_config("llama")
+    model = (random_model(config, seed=2, device="cuda") if subnet is None
+             else random_subnet_model(config, subnet, torch.float32, "cuda", seed=2))
+    prompt = torch.randint(0, config.vocab_size, (2, 8), device="cuda")
+    eager, graph = _eager_greedy(model, prompt, 6), _graph_greedy(model, prompt, 6)
+    for step, (e, g) in enumerate(zip(eager, graph)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+@needs_cuda
+def test_graph_latency_on_a_gpu() -> None:
+    cache = LatencyCache()
+    result = subnet_latency(tiny_config("llama"), SUBNET, SMALL, "cuda", torch.bfloat16, cache)
+    _assert_latency_metrics(result)
+    assert json.loads(next(iter(cache.results)))["settings"]["mode"] == "graph"
