@@ -121,8 +121,9 @@ def _resume(args: argparse.Namespace) -> int:
 @contextmanager
 def _output(run_dir: str, verbose: bool) -> Iterator[None]:
     """The search's output: all on the terminal (`--verbose`), or only prunetune's lines
-    and progress bar there and the rest in the run's log (a local file beside a bucket
-    run directory). Ray is shut down inside, so its exit messages go to the log too."""
+    and progress bar there and the rest in the run's log (for a bucket run directory,
+    `<name>.log` in the current folder). Ray is shut down inside, so its exit messages go
+    to the log too."""
     import ray
 
     if verbose:
