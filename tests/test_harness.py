@@ -70,6 +70,7 @@ def picks(scores: list[float], choices: tuple[str, ...]) -> tuple[int, int]:
     return int(torch.tensor(scores).argmax()), int(torch.tensor(normed).argmax())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("subnet", list(SUBNETS))
 def test_lm_eval_piqa_decides_every_item_as_the_builtin_scorer(smollm2_loaded, piqa_tasks, subnet):
     model, tokenizer = smollm2_loaded
