@@ -93,6 +93,20 @@ def test_a_hub_id_not_in_the_cache_while_offline(tmp_path, capsys, monkeypatch,
         "(`hf download prunetune-tests/absent`) or unset HF_HUB_OFFLINE")
 
 
+def test_plan_finds_a_hub_models_config_the_same_way(tmp_path, capsys, monkeypatch,
+                                                    hub_cache) -> None:
+    """`prunetune plan` reads a hub model's config.json through the same offline-aware lookup."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model: prunetune-tests/absent\n")
+    assert main(["plan", str(spec)]) == 2
+    assert "this hub id is not in the Hugging Face cache" in capsys.readouterr().err
+    cache_hub_model(hub_cache, "prunetune-tests/present", tiny_config("llama").to_dict())
+    spec.write_text("model: prunetune-tests/present\n")
+    assert main(["plan", str(spec)]) == 0
+    assert "llama" in capsys.readouterr().out
+
+
 def test_a_hub_id_not_in_the_cache_without_network(tmp_path, capsys, monkeypatch,
                                                    hub_cache) -> None:
     def unreachable(*args: object, **kwargs: object) -> None:

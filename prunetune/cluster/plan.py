@@ -227,7 +227,7 @@ def model_config_path(model: str) -> str:
 
     A GGUF file has none: planning then needs the model's config.json given instead.
     """
-    from prunetune.evaluators.model import resolve_source
+    from prunetune.evaluators.model import hub_config_file, resolve_source
 
     source = Path(resolve_source(model))
     if source.suffix == ".gguf":
@@ -235,9 +235,7 @@ def model_config_path(model: str) -> str:
                          "(give the model's config.json or checkpoint directory)")
     if source.exists():
         return str(source)
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(model, "config.json")
+    return hub_config_file(model)
 
 
 def cluster_gpus() -> tuple[int, int, float]:

@@ -49,6 +49,47 @@ def resolve_source(source: str) -> str:
     return str(smollm2_gguf()) if source == DEFAULT_MODEL else source
 
 
+def hub_config_file(repo_id: str) -> str:
+    """The cached `config.json` of a Hugging Face Hub model, downloaded when the Hub is
+    reachable and it is not cached yet. Raises FileNotFoundError, naming the model and
+    what to do, when it cannot be had: offline, no network, no such model, gated."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return cached
+    missing = (f"{repo_id!r} is not a local path, and this hub id is not in the Hugging "
+               f"Face cache ({constants.HF_HUB_CACHE})")
+    if constants.is_offline_mode():
+        raise FileNotFoundError(f"{missing} while HF_HUB_OFFLINE is set: download it first "
+                                f"(`hf download {repo_id}`) or unset HF_HUB_OFFLINE")
+    _check_hub_reachable(repo_id, missing)
+    try:
+        return hf_hub_download(repo_id, "config.json")
+    except GatedRepoError:
+        raise FileNotFoundError(f"{repo_id!r} is a gated model: accept its conditions on "
+                                "huggingface.co and log in (`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{repo_id!r} is not a local path, nor a model on the "
+                                "Hugging Face Hub (a private one needs `hf auth login`)") from None
+
+
+def _check_hub_reachable(repo_id: str, missing: str) -> None:
+    """Ask the Hub about the model once, without the retries of a download, so that a
+    machine without network learns it in a second."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        model_info(repo_id, timeout=10)
+    except HfHubHTTPError:
+        return
+    except Exception as err:  # the HTTP client's own connection and timeout errors
+        raise FileNotFoundError(f"{missing}, and the Hub cannot be reached "
+                                f"({type(err).__name__}: {err})") from None
+
+
 def cache_dir() -> Path:
     """Where dequantized GGUF checkpoints and importance scores are cached."""
     return Path(os.environ.get("PRUNETUNE_CACHE", Path.home() / ".cache" / "prunetune"))
