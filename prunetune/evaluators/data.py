@@ -85,7 +85,7 @@ def text_file(source: str) -> Path | None:
     path = Path(source).expanduser()
     if path.is_file():
         return path
-    if importlib.util.find_spec("datasets") is not None and ":" in source and "/" in source:
+    if importlib.util.find_spec("datasets") is not None and is_dataset_name(source):
         return None
     raise FileNotFoundError(
         f"unknown text source {source!r}: give a path to a text file, one of "
@@ -100,11 +100,17 @@ def load_text(source: str) -> str:
     A Hugging Face dataset's `text` column is joined by blank lines.
     """
     path = text_file(source)
-    return _hf_dataset_text(source) if path is None else read_text(path)
+    return "\n\n".join(dataset_texts(source)) if path is None else read_text(path)
 
 
-def _hf_dataset_text(source: str) -> str:
-    """The `text` column of a Hugging Face dataset split, joined by blank lines."""
+def is_dataset_name(source: str) -> bool:
+    """Whether `source` has the form of a Hugging Face dataset `name/config:split` (and is
+    not a path that exists)."""
+    return "/" in source and ":" in source and not Path(source).expanduser().exists()
+
+
+def dataset_texts(source: str) -> list[str]:
+    """The `text` column of a Hugging Face dataset split `name/config:split`, row by row."""
     import datasets
 
     name_config, split = source.rsplit(":", 1)
@@ -114,7 +120,7 @@ def _hf_dataset_text(source: str) -> str:
         raise ValueError(
             f"dataset {source!r} has no 'text' column (columns: {', '.join(rows.column_names)})"
         )
-    return "\n\n".join(rows["text"])
+    return list(rows["text"])
 
 
 def token_windows(tokenizer: Any, source: str, seq_len: int, count: int,

@@ -20,7 +20,7 @@ from torch import nn
 
 from prunetune.evaluators.data import data_file, read_text
 from prunetune.evaluators.perplexity import (
-    LOGIT_CHUNK_ELEMENTS, hidden_states, model_device, token_logprobs,
+    hidden_states, logit_chunks, model_device, token_logprobs,
 )
 
 BUILTIN_TASKS = ("piqa",)
@@ -170,11 +170,11 @@ def _score_batch(
 
 
 def _most_likely_tokens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head's argmax for each hidden state `[n, hidden]`, on row chunks of at most
-    `LOGIT_CHUNK_ELEMENTS` logits, as in `token_logprobs`."""
+    """The LM head's argmax for each hidden state `[n, hidden]`, on the row chunks
+    `token_logprobs` uses (`logit_chunks`)."""
     head = model.get_output_embeddings()
-    rows = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
-    return torch.cat([head(h).argmax(-1) for h in hidden.split(rows)])
+    chunks = logit_chunks(hidden.shape[0], head.weight.shape[0])
+    return torch.cat([head(h).argmax(-1) for h in hidden.tensor_split(chunks)])
 
 
 def choice_loglikelihoods(

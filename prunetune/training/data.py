@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunetune.evaluators.data import TEXT_SOURCES, read_text
+from prunetune.evaluators.data import TEXT_SOURCES, dataset_texts, is_dataset_name, read_text
 from prunetune.evaluators.perplexity import cut_windows
 from prunetune.training.settings import DEFAULT_TRAINING_TEXT
 
@@ -62,11 +62,6 @@ def training_documents(source: str) -> list[str]:
     )
 
 
-def is_dataset_name(source: str) -> bool:
-    """Whether `source` has the form of a Hugging Face dataset `name/config:split`."""
-    return "/" in source and ":" in source and not Path(source).expanduser().exists()
-
-
 def refuse_evaluation_data(source: str) -> None:
     """Raise for the evaluation corpora and for a dataset's test or validation split: a
     student distilled on them would be scored on its own training text."""
@@ -88,15 +83,7 @@ def folder_documents(folder: Path) -> list[str]:
 
 def dataset_documents(source: str) -> list[str]:
     """The non-empty `text` rows of a Hugging Face dataset split `name/config:split`."""
-    import datasets
-
-    name_config, split = source.rsplit(":", 1)
-    name, config = name_config.rsplit("/", 1)
-    rows = datasets.load_dataset(name, config, split=split)
-    if "text" not in rows.column_names:
-        raise ValueError(f"training data {source!r} has no 'text' column "
-                         f"(columns: {', '.join(rows.column_names)})")
-    return [text for text in rows["text"] if text]
+    return [text for text in dataset_texts(source) if text]
 
 
 def pack_documents(tokenizer: Any, documents: list[str], seq_len: int) -> torch.LongTensor:
