@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -78,11 +78,13 @@ def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
     try:
         with progress_bar(settings, progress) as bar:
             while progress.step < settings.steps:
-                loss = train_step(teacher, student, windows, settings, progress.windows, params)
+                loss = train_step(teacher, student, windows, settings, progress.windows,
+                                  backward=torch.Tensor.backward)
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                advance(progress, settings, loss, bar)
+                advance(progress, settings, loss.item(), bar)
                 if checkpoint_dir is not None and checkpoint_due(progress, settings):
                     save_checkpoint(checkpoint_dir, student, optimizer, scheduler, progress,
                                     identity)
@@ -119,23 +121,31 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, settings: DistillSettings)
 
 
 def train_step(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
-               settings: DistillSettings, position: int, params: list[nn.Parameter]) -> float:
-    """Forward and backward passes over the micro-batches of one optimizer step, the
-    windows at `position` of the visiting order; clips the gradient and returns the loss
-    (mean per predicted token)."""
+               settings: DistillSettings, position: int,
+               backward: Callable[[torch.Tensor], Any], rank: int = 0,
+               world: int = 1) -> torch.Tensor:
+    """Forward and backward passes over this rank's micro-batches of one optimizer step.
+
+    The step trains on the windows at `position` of the visiting order; rank `rank` of
+    `world` data-parallel ranks takes every `world`-th of them, so every world size trains
+    on the same windows per step. Each micro-batch's loss, divided by the tokens this rank
+    predicts in the step, goes to `backward` (`loss.backward` on one device; DeepSpeed's
+    engine, which averages the ranks' gradients, on several). Returns this rank's loss
+    (mean per predicted token), detached; the caller clips and steps.
+    """
     device = model_device(student)
     index = window_indices(len(windows), settings.seed, position, settings.windows_per_step)
-    predicted = settings.windows_per_step * (settings.seq_len - 1)
+    mine = index[rank::world]
+    predicted = len(mine) * (settings.seq_len - 1)
     total = torch.zeros((), device=device)
-    for micro in index.split(settings.micro_batch):
+    for micro in mine.split(settings.micro_batch):
         ids = windows[micro].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = distill_loss_sum(teacher, student, ids, settings.temperature, settings.top_k,
                                     settings.lm_weight) / predicted
-        loss.backward()
+        backward(loss)
         total += loss.detach()
-    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-    return total.item()
+    return total
 
 
 def advance(progress: Progress, settings: DistillSettings, loss: float, bar: Any) -> None:
@@ -154,11 +164,12 @@ def checkpoint_due(progress: Progress, settings: DistillSettings) -> bool:
     return progress.step % settings.checkpoint_every == 0 or progress.step == settings.steps
 
 
-def progress_bar(settings: DistillSettings, progress: Progress) -> Any:
+def progress_bar(settings: DistillSettings, progress: Progress,
+                 disable: bool | None = None) -> Any:
     """A bar over the token budget (tokens, tokens/s, time left, loss); silent when the
-    output is not a terminal."""
+    output is not a terminal (`disable=None`) or when `disable`."""
     from tqdm.auto import tqdm
 
     total = settings.steps * settings.windows_per_step * settings.seq_len
     return tqdm(total=total, initial=progress.tokens, unit="tok", unit_scale=True,
-                desc="distil", disable=None, dynamic_ncols=True)
+                desc="distil", disable=disable, dynamic_ncols=True)

@@ -1,0 +1,226 @@
+"""Distillation over several GPUs (or CPU processes): Ray Train workers, DeepSpeed ZeRO.
+
+`distill_on_workers` runs the same training as `distill.distill` as a Ray Train
+`TorchTrainer`: every worker builds the teacher and the student (`build`), DeepSpeed wraps
+the student (ZeRO stage 2 partitions gradients and AdamW states over the workers, stage 3
+the weights too), and each optimizer step's windows are split between the workers
+(`distill.train_step`), so N workers train on the same batches as one and end, to rounding,
+where one would. Checkpoints (DeepSpeed's, with the progress) go to Ray Train's storage,
+a local folder or `s3://` / `gs://`, every `checkpoint_every` steps; a run started again
+with the same storage and name resumes from the last one and loses at most the steps
+since. The teacher is frozen and whole on every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from prunetune.training.checkpoint import Progress, refuse_other_run, run_identity
+from prunetune.training.distill import (
+    DistillResult, advance, check_inputs, checkpoint_due, cosine_schedule, progress_bar,
+    train_step,
+)
+from prunetune.training.settings import DistillSettings
+
+Build = Callable[[torch.device], tuple[nn.Module, nn.Module]]
+"""Makes (teacher, student) on a worker's device; the student's parameters in float32."""
+
+Finish = Callable[[nn.Module], None]
+"""Runs on the first worker with the trained student, whole (e.g. to export it)."""
+
+CHECKPOINT_TAG = "state"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Where and how the workers train: `workers` processes (one GPU each with `use_gpu`,
+    else one CPU core each, talking over gloo), DeepSpeed ZeRO `zero_stage` (2 or 3), and
+    the Ray Train run `name` under `storage` (local path or URI) that checkpoints go to."""
+
+    workers: int
+    storage: str
+    name: str
+    use_gpu: bool = True
+    zero_stage: int = 2
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.zero_stage not in (2, 3):
+            raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
+
+
+def distill_on_workers(build: Build, windows: torch.Tensor, settings: DistillSettings,
+                       workers: WorkerSettings, finish: Finish | None = None) -> DistillResult:
+    """Distil on `workers.workers` Ray Train workers; returns what the run did.
+
+    Raises ValueError when a step's windows do not split evenly over the workers (every
+    worker must predict as many tokens, for the averaged gradient to be the one-device
+    gradient), and RuntimeError, with the workers' first error line, when training fails
+    (after which the same call resumes from the last checkpoint).
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if settings.windows_per_step % workers.workers:
+        raise ValueError(f"distill.micro_batch * distill.accumulation = "
+                         f"{settings.windows_per_step} windows per step do not split evenly "
+                         f"over {workers.workers} workers")
+    if settings.lora_rank:
+        raise ValueError("distill.lora_rank: LoRA trains on one device; "
+                         "use workers = 1 or full-parameter training")
+    config = {"build": build, "windows": windows, "settings": settings,
+              "zero_stage": workers.zero_stage, "finish": finish}
+    trainer = TorchTrainer(
+        worker_loop, train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers.workers,
+                                               use_gpu=workers.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=workers.name, storage_path=workers.storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise RuntimeError(f"distillation on {workers.workers} workers failed; run it again "
+                           f"to resume from its last checkpoint: {first_line(exc)}") from exc
+    return DistillResult(**result.metrics["result"])
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an error's message."""
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker's share of the run (the function `TorchTrainer` runs)."""
+    import ray.train
+
+    start = time.perf_counter()
+    settings: DistillSettings = config["settings"]
+    windows: torch.Tensor = config["windows"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = worker_device()
+    teacher, student = config["build"](device)
+    check_inputs(teacher, student, windows, settings)
+    torch.manual_seed(settings.seed)
+    teacher.eval().requires_grad_(False)
+    engine = deepspeed_engine(student, settings, config["zero_stage"], world)
+    identity = run_identity(settings, windows)
+    progress = restore(engine, identity)
+    resumed_from = progress.step
+    student.train()
+    with progress_bar(settings, progress, disable=rank != 0) as bar:
+        while progress.step < settings.steps:
+            loss = train_step(teacher, student, windows, settings, progress.windows,
+                              backward=lambda micro_loss: ds_backward(engine, micro_loss),
+                              rank=rank, world=world)
+            advance(progress, settings, mean_over_workers(loss, world), bar)
+            if checkpoint_due(progress, settings) and progress.step < settings.steps:
+                report(engine, progress, identity, {})
+    student.eval()
+    if config["finish"] is not None:
+        finish_on_first(student, config["finish"], rank, config["zero_stage"])
+    result = DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
+                           resumed_from=resumed_from, seconds=time.perf_counter() - start)
+    report(engine, progress, identity, {"result": asdict(result)})
+
+
+def worker_device() -> torch.device:
+    """This worker's device (its own GPU, made the current one, or the CPU)."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def deepspeed_config(settings: DistillSettings, zero_stage: int, world: int) -> dict[str, Any]:
+    """The DeepSpeed config of one worker: its micro-batches per step, ZeRO, clipping."""
+    per_worker = settings.windows_per_step // world
+    return {"train_micro_batch_size_per_gpu": min(settings.micro_batch, per_worker),
+            "gradient_accumulation_steps": -(-per_worker // settings.micro_batch),
+            "gradient_clipping": settings.max_grad_norm,
+            "zero_optimization": {"stage": zero_stage},
+            "steps_per_print": 2 ** 62, "wall_clock_breakdown": False}
+
+
+def deepspeed_engine(student: nn.Module, settings: DistillSettings, zero_stage: int,
+                     world: int) -> Any:
+    """DeepSpeed's engine over the student, with `distill`'s AdamW and schedule."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                      lr_scheduler=cosine_schedule(optimizer, settings),
+                                      config=deepspeed_config(settings, zero_stage, world),
+                                      dist_init_required=False)
+    return engine
+
+
+def ds_backward(engine: Any, loss: torch.Tensor) -> None:
+    """Backward of one micro-batch through DeepSpeed, which steps the optimizer (and
+    averages the workers' gradients) after the step's last micro-batch. The loss is
+    already divided by the tokens of the whole step, so DeepSpeed must not scale it."""
+    engine.backward(loss, scale_wrt_gas=False)
+    engine.step()
+
+
+def mean_over_workers(loss: torch.Tensor, world: int) -> float:
+    """The step's loss per predicted token over all workers (each predicts as many)."""
+    import torch.distributed as dist
+
+    total = loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(total)
+    return total.item() / world
+
+
+def restore(engine: Any, identity: dict[str, Any]) -> Progress:
+    """Load the run's last checkpoint into the engine, if Ray Train has one; its progress."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Progress()
+    with checkpoint.as_directory() as folder:
+        _, client = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+    refuse_other_run(checkpoint.path, client["identity"], identity)
+    return Progress(**client["progress"])
+
+
+def report(engine: Any, progress: Progress, identity: dict[str, Any],
+           metrics: dict[str, Any]) -> None:
+    """Checkpoint every worker's shard of the run with its progress, and report it."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag=CHECKPOINT_TAG,
+                               client_state={"progress": asdict(progress),
+                                             "identity": identity})
+        ray.train.report({"step": progress.step, "tokens": progress.tokens,
+                          "loss": progress.losses[-1], **metrics},
+                         checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def finish_on_first(student: nn.Module, finish: Finish, rank: int, zero_stage: int) -> None:
+    """Run `finish` on the first worker with the student whole (ZeRO-3 gathers it)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(student.parameters())):
+            if rank == 0:
+                finish(student)
+    elif rank == 0:
+        finish(student)

@@ -1,0 +1,96 @@
+"""Distillation on Ray Train workers with DeepSpeed ZeRO: equal to one process, resumable."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+import ray  # noqa: E402
+import ray.cloudpickle  # noqa: E402
+
+import test_distill  # noqa: E402
+from test_distill import QUICK, pair, states, windows  # noqa: E402
+from prunetune.training.distill import distill  # noqa: E402
+from prunetune.training.distributed import WorkerSettings, distill_on_workers  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ray.cloudpickle.register_pickle_by_value(test_distill)
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def build(device: torch.device, die_at_forward: int = 0,
+          marker: str = "") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The test pair on one thread; with `die_at_forward`, the first worker of the first
+    attempt (no `marker` file yet) is killed at that student forward pass."""
+    torch.set_num_threads(1)
+    teacher, student = pair()
+    if die_at_forward and not os.path.exists(marker) and int(os.environ.get("RANK", 0)) == 0:
+        calls = [0]
+
+        def count(*_: object) -> None:
+            calls[0] += 1
+            if calls[0] == die_at_forward:
+                Path(marker).touch()
+                os._exit(9)
+
+        student.model.embed_tokens.register_forward_hook(count)
+    return teacher.to(device), student.to(device)
+
+
+def save_to(path: Path, student: torch.nn.Module) -> None:
+    torch.save(states(student), path)
+
+
+def test_two_gloo_workers_train_what_one_process_does(tmp_path: Path) -> None:
+    teacher, alone = pair()
+    reference = distill(teacher, alone, windows(), QUICK)
+
+    workers = WorkerSettings(workers=2, storage=str(tmp_path / "ray"), name="two",
+                             use_gpu=False)
+    result = distill_on_workers(build, windows(), QUICK, workers,
+                                finish=functools.partial(save_to, tmp_path / "student.pt"))
+    assert result.steps == reference.steps == 12 and result.tokens == reference.tokens
+    torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-7)
+    trained = torch.load(tmp_path / "student.pt", weights_only=True)
+    torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
+
+
+def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    marker = tmp_path / "killed"
+    dying = functools.partial(build, die_at_forward=7, marker=str(marker))
+    workers = WorkerSettings(workers=2, storage=str(tmp_path / "ray"), name="killed",
+                             use_gpu=False)
+    finish = functools.partial(save_to, tmp_path / "student.pt")
+    with pytest.raises(RuntimeError, match="failed"):
+        distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
+    assert marker.exists()
+
+    result = distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
+    teacher, alone = pair()
+    reference = distill(teacher, alone, windows(), QUICK)
+    # Killed in step 7: the checkpoint of step 6, or of step 4 if Ray had not yet
+    # registered the one of step 6 when the worker died.
+    assert result.resumed_from in (4, 6) and result.steps == 12
+    torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-7)
+    trained = torch.load(tmp_path / "student.pt", weights_only=True)
+    torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
+
+
+def test_steps_that_do_not_split_over_the_workers_are_refused(tmp_path: Path) -> None:
+    workers = WorkerSettings(workers=3, storage=str(tmp_path), name="three", use_gpu=False)
+    with pytest.raises(ValueError, match="8 windows per step do not split evenly over 3"):
+        distill_on_workers(build, windows(), QUICK, workers)
