@@ -147,16 +147,25 @@ def run_objectives(run_dir: str) -> dict[str, str]:
 
 
 def merged_front(run_dirs: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
-    """All rows and the merged front of several runs (which must share objectives)."""
+    """All one-shot rows and the merged front of several runs (which must share objectives)."""
     from prunetune.orchestrator.pareto import merge_fronts
-    from prunetune.orchestrator.results import ResultLog
+    from prunetune.orchestrator.results import ONESHOT, ResultLog
 
     objectives = run_objectives(run_dirs[0])
     for run_dir in run_dirs[1:]:
         if run_objectives(run_dir) != objectives:
             raise ValueError(f"{run_dir}: objectives differ from {run_dirs[0]}'s {objectives}")
-    logs = [ResultLog(run_dir).read() for run_dir in run_dirs]
+    logs = [ResultLog(run_dir).read(stage=ONESHOT) for run_dir in run_dirs]
     return pd.concat(logs, ignore_index=True), merge_fronts(logs, objectives), objectives
+
+
+def recovered_front(run_dirs: Sequence[str], objectives: dict[str, str]) -> pd.DataFrame | None:
+    """The merged front of the runs' recovered rows; None when they have none."""
+    from prunetune.orchestrator.pareto import merge_fronts
+    from prunetune.orchestrator.results import RECOVERED, ResultLog
+
+    logs = [ResultLog(run_dir).read(stage=RECOVERED) for run_dir in run_dirs]
+    return merge_fronts(logs, objectives) if any(len(log) for log in logs) else None
 
 
 def _front(args: argparse.Namespace) -> int:
@@ -170,7 +179,8 @@ def _front(args: argparse.Namespace) -> int:
         print(f"merged front: {args.merge}")
     if args.plot:
         dense = rows[(rows["trial_id"] == DENSE_TRIAL) & (rows["status"] == "ok")].to_dict("records")
-        plot_front(rows, front, objectives, args.plot, dense=dense[0] if dense else None)
+        plot_front(rows, front, objectives, args.plot, dense=dense[0] if dense else None,
+                   recovered=recovered_front(args.run_dirs, objectives))
         print(f"plot: {args.plot}")
     return 0
 
