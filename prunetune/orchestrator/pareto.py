@@ -239,8 +239,9 @@ def plot_front(
     (x_name, x_dir), (y_name, y_dir) = list(objectives.items())[:2]
     pair = {x_name: x_dir, y_name: y_dir}
     rows, everything = _rankable(all_rows, pair)
-    fronts = [(_rankable(front, pair)[1], "tab:blue", "Pareto front")]
-    if recovered is not None and len(recovered):
+    both = recovered is not None and len(recovered) > 0
+    fronts = [(_rankable(front, pair)[1], "tab:blue", "one-shot front" if both else "Pareto front")]
+    if both:
         fronts.append((_rankable(recovered, pair)[1], "tab:orange", "recovered front"))
 
     figure = Figure(figsize=(7, 5), dpi=120)
