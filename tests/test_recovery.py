@@ -140,8 +140,10 @@ def test_recover_front_distils_logs_and_skips_what_is_done(run_dir, capsys) -> N
     assert f"0 front points recovered now, {len(points)} before" in capsys.readouterr().out
     assert len(ResultLog(run).read()) == len(log)
 
-    assert main(["front", run]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + len(front)
+    plot = run_dir.parent / "both.png"
+    assert main(["front", run, "--plot", str(plot)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + len(front) + 1
+    assert plot.stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("args, message", [
