@@ -50,6 +50,21 @@ def test_masked_and_extracted_modes_agree(settings) -> None:
     assert masked["perplexity"] == pytest.approx(extracted["perplexity"], rel=1e-5)
 
 
+def test_a_trained_sub_network_is_measured_with_its_own_weights(settings) -> None:
+    from prunetune.evaluators.surgery import extract
+
+    evaluator = Evaluator(settings)
+    cut = evaluator.measure(SUBNET, {"perplexity"})
+    student = extract(evaluator.model, SUBNET)
+    assert evaluator.measure(SUBNET, {"perplexity"}, trained=student) == cut
+    with torch.no_grad():
+        student.lm_head.weight.mul_(0.5)
+    trained = evaluator.measure(SUBNET, {"perplexity"}, trained=student)
+    assert trained["perplexity"] != cut["perplexity"]
+    assert {k: v for k, v in trained.items() if k not in ("perplexity", "nll")} == {
+        k: v for k, v in cut.items() if k not in ("perplexity", "nll")}
+
+
 def test_a_bad_subnet_fails_and_the_evaluator_goes_on(settings) -> None:
     evaluator = Evaluator(settings)
     bad = evaluator.evaluate(SubnetConfig((0,), (1,), (1,), (1,), 4096), ["perplexity"])

@@ -245,3 +245,39 @@ def test_front_of_a_result_log_round_trips(tmp_path: Path) -> None:
     assert back.column("trial_id").to_pylist() == ["t0", "t1", "t4", "t5"]
     plot_front(log.read(), front, objectives, str(tmp_path / "front.png"), dense=rows[-1])
     assert (tmp_path / "front.png").stat().st_size > 0
+
+
+def test_front_files_hold_the_one_shot_front_and_the_plot_both(tmp_path: Path, monkeypatch) -> None:
+    from datetime import datetime, timezone
+
+    from prunetune.orchestrator import callbacks
+    from prunetune.orchestrator.results import RECOVERED, ResultLog, make_row
+    from prunetune.search_spaces.subnet import SubnetConfig
+
+    model = dict(model_type="llama", vocab_size=96, hidden_size=48, intermediate_size=64,
+                 num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+    t0 = datetime(2025, 3, 1, tzinfo=timezone.utc)
+    rows = []
+    for i, embed in enumerate((8, 16, 24, 48)):
+        subnet = SubnetConfig(layers=(0, 1), kv_heads=(2, 2), q_per_kv=(3, 3), mlp=(64, 64),
+                              embed=embed)
+        rows.append(make_row("run", f"t{i}", subnet, model, {"perplexity": 100.0 / embed},
+                             "ok", None, "g0", t0, t0, 64))
+        rows.append(make_row("run", f"r{i}", subnet, model, {"perplexity": 10.0 / embed},
+                             "ok", None, "g0", t0, t0, 64, stage=RECOVERED, trained_tokens=64))
+    ResultLog(str(tmp_path)).append(rows)
+    drawn = {}
+
+    def plot(*args, recovered=None, **kwargs):
+        drawn["recovered"] = recovered
+        plot_front(*args, recovered=recovered, **kwargs)
+
+    monkeypatch.setattr(callbacks, "plot_front", plot)
+    summary = callbacks.write_front_files(str(tmp_path), {"params": "min", "perplexity": "min"},
+                                          None)
+    front = pd.read_parquet(tmp_path / "front.parquet")
+    assert summary["front_size"] == 4 and summary["rows"] == 4
+    assert sorted(front["trial_id"]) == ["t0", "t1", "t2", "t3"]
+    assert (front["stage"] == "oneshot").all() and front["trained_tokens"].isna().all()
+    assert sorted(drawn["recovered"]["trial_id"]) == ["r0", "r1", "r2", "r3"]
+    assert (tmp_path / "front.png").stat().st_size > 10_000

@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from prunetune.orchestrator import results
-from prunetune.orchestrator.results import RESULT_SCHEMA, SCHEMA_METADATA_KEY, ResultLog, make_row
+from prunetune.orchestrator.results import (
+    ONESHOT, RECOVERED, RESULT_SCHEMA, SCHEMA_METADATA_KEY, ResultLog, make_row,
+)
 from prunetune.search_spaces.cost import subnet_cost
 from prunetune.search_spaces.subnet import SubnetConfig
 
@@ -31,11 +33,12 @@ def subnet(i: int) -> SubnetConfig:
 
 
 def row(i: int, metrics: dict | None = None, status: str = "ok", error: str | None = None,
-        run_id: str = "run-a") -> dict:
+        run_id: str = "run-a", stage: str = ONESHOT, trained_tokens: int | None = None) -> dict:
     return make_row(
         run_id, f"trial-{i}", subnet(i), MODEL,
         {"perplexity": 10.0 + i, "nll": math.log(10.0 + i)} if metrics is None else metrics,
         status, error, "group-0", T0 + timedelta(seconds=i), T0 + timedelta(seconds=i + 2.5), 128,
+        stage=stage, trained_tokens=trained_tokens,
     )
 
 
@@ -60,6 +63,9 @@ def test_make_row_has_architecture_and_exact_cost() -> None:
         (dict(status="failed"), "needs its error"),
         (dict(metrics={"params": 1.0}), "collides"),
         (dict(metrics={"perplexity": "high"}), "'perplexity' must be a number"),
+        (dict(stage="trained"), "stage must be one of"),
+        (dict(stage=RECOVERED), "trained_tokens must be given for a recovered row"),
+        (dict(trained_tokens=1024), "trained_tokens must be given for a recovered row"),
     ],
 )
 def test_make_row_rejects_bad_fields(kwargs: dict, message: str) -> None:
@@ -82,7 +88,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert len(df) == 5
     first = df.sort_values("trial_id").iloc[0]
     for name, value in rows[0].items():
-        if name == "error":
+        if value is None:
             assert first[name] is None or (isinstance(first[name], float) and math.isnan(first[name]))
         else:
             assert first[name] == value, name
@@ -202,6 +208,39 @@ def test_append_rejects_incomplete_rows(tmp_path: Path) -> None:
     del bad["params"]
     with pytest.raises(ValueError, match=r"row 0: missing result-log columns \['params'\]"):
         ResultLog(str(tmp_path)).append([bad])
+
+
+def test_a_log_written_before_the_stage_column_reads_as_oneshot(tmp_path: Path) -> None:
+    log = ResultLog(str(tmp_path))
+    old = [{k: v for k, v in row(i).items() if k not in ("stage", "trained_tokens")}
+           for i in range(2)]
+    table = pa.Table.from_pylist(old)
+    assert "stage" not in table.column_names
+    Path(log.results_dir).mkdir(parents=True)
+    pq.write_table(table, Path(log.results_dir) / "part-20250301T000000000000Z-old.parquet")
+    df = ResultLog(str(tmp_path)).read()
+    assert (df["stage"] == ONESHOT).all() and df["trained_tokens"].isna().all()
+    assert ResultLog(str(tmp_path)).evaluated_hashes() == {subnet(0).config_hash(),
+                                                           subnet(1).config_hash()}
+    log.append([row(0, {"perplexity": 5.0}, stage=RECOVERED, trained_tokens=1024)])
+    df = ResultLog(str(tmp_path)).read()
+    assert sorted(df["stage"]) == [ONESHOT, ONESHOT, RECOVERED]
+    assert df.loc[df["stage"] == RECOVERED, "trained_tokens"].item() == 1024
+
+
+def test_recovered_rows_are_not_the_search_cache(tmp_path: Path) -> None:
+    log = ResultLog(str(tmp_path))
+    log.append([row(0)])
+    log.append([row(0, {"perplexity": 5.0}, stage=RECOVERED, trained_tokens=1024),
+                row(1, {"perplexity": 6.0}, stage=RECOVERED, trained_tokens=1024)])
+    for reader in (log, ResultLog(str(tmp_path))):
+        assert reader.evaluated_hashes() == {subnet(0).config_hash()}
+        assert reader.lookup(subnet(0).config_hash())["perplexity"] == 10.0
+        assert reader.lookup(subnet(1).config_hash()) is None
+        assert set(reader.known()) == {subnet(0).config_hash()}
+        assert len(reader.read()) == 3
+        assert len(reader.read(stage=ONESHOT)) == 1
+        assert sorted(reader.read(stage=RECOVERED)["perplexity"]) == [5.0, 6.0]
 
 
 def test_versions_are_json() -> None:

@@ -157,3 +157,34 @@ def test_run_dir_may_be_a_uri_for_log_and_tune_storage(tmp_path, standin_env) ->
     assert (tmp_path / "remote-run" / "spec.yaml").is_file()
     assert (tmp_path / "remote-run" / "front.parquet").is_file()
     assert (tmp_path / "remote-run" / "tune").is_dir()
+
+
+@pytest.mark.slow
+def test_recovered_rows_leave_the_cache_the_budget_and_the_front_alone(tmp_path, standin_env) -> None:
+    """A recovered row (however good) neither makes its config evaluated, nor counts against
+    the budget, nor enters the search's front."""
+    from datetime import datetime, timezone
+
+    from prunetune.orchestrator.results import RECOVERED, make_row
+    from prunetune.search_spaces.spaces import make_space
+
+    run_dir = tmp_path / "run"
+    layers = {"preset": "layers"}
+    run_search(spec(run_dir, algorithm={"num_samples": 2}, search_space=layers),
+               StandInEvaluator, num_cpus=4)
+    now = datetime.now(timezone.utc)
+    space = make_space("layers", SMOLLM2_CONFIG)
+    every = [space.decode({"depth": depth}) for depth in space.choices()["depth"]]
+    ResultLog(str(run_dir)).append([
+        make_row("run", f"recovered-{i}", subnet, SMOLLM2_CONFIG, {"perplexity": 1.0}, "ok", None,
+                 "e", now, now, 256, stage=RECOVERED, trained_tokens=64)
+        for i, subnet in enumerate(every)])
+    run_search(spec(run_dir, algorithm={"num_samples": 6}, search_space=layers),
+               StandInEvaluator, num_cpus=4)
+    rows = ResultLog(str(run_dir)).read()
+    oneshot = rows[rows["stage"] == "oneshot"]
+    assert len(oneshot[oneshot["trial_id"] != "dense"]) == 6 and oneshot["config_hash"].is_unique
+    calls = evaluated(standin_env)
+    assert len(calls) == len(set(calls)) == 7
+    front = pd.read_parquet(run_dir / "front.parquet")
+    assert (front["stage"] == "oneshot").all() and (front["perplexity"] > 1.0).all()

@@ -74,11 +74,15 @@ class Evaluator(EvaluatorBase):
     def model_config(self) -> Any:
         return self.model.config
 
-    def measure(self, subnet: SubnetConfig, metrics: set[str]) -> dict[str, Any]:
+    def measure(self, subnet: SubnetConfig, metrics: set[str],
+                trained: nn.Module | None = None) -> dict[str, Any]:
+        """The metrics of `subnet`: cut from the resident model, or, given `trained`, the
+        extracted sub-network's own weights trained further (a recovered student) scored on
+        the same windows and tasks. Cost and latency depend on the shapes alone."""
         out: dict[str, Any] = dict(subnet_cost(self.model.config, subnet, self.settings.seq_len,
                                                self.model.dtype.itemsize, self.settings.batch_size))
         if wants_perplexity(metrics) or wants_accuracy(metrics):
-            with self._subnet_model(subnet) as model:
+            with self._subnet_model(subnet, trained) as model:
                 out.update(self._quality(model, metrics))
         if wants_latency(metrics):
             out.update(subnet_latency(self.model.config, subnet, self.settings.latency,
@@ -86,9 +90,13 @@ class Evaluator(EvaluatorBase):
         return out
 
     @contextmanager
-    def _subnet_model(self, subnet: SubnetConfig) -> Iterator[nn.Module]:
-        """The sub-network as a model: extracted (default) or masks on the resident model."""
-        if subnet == SubnetConfig.dense(self.model.config):
+    def _subnet_model(self, subnet: SubnetConfig,
+                      trained: nn.Module | None = None) -> Iterator[nn.Module]:
+        """The sub-network as a model: `trained` when given, else extracted (default) or
+        masks on the resident model."""
+        if trained is not None:
+            yield trained
+        elif subnet == SubnetConfig.dense(self.model.config):
             yield self.model
         elif self.settings.mode == "masked":
             with apply_masks(self.model, subnet) as model:

@@ -13,7 +13,7 @@ from ray import tune
 
 from prunetune.orchestrator.console import console
 from prunetune.orchestrator.pareto import hypervolume, objective_matrix, pareto_front, plot_front, write_front
-from prunetune.orchestrator.results import ResultLog
+from prunetune.orchestrator.results import ONESHOT, RECOVERED, ResultLog
 from prunetune.orchestrator.run_record import FRONT_FILE, PLOT_FILE
 
 FRONT_EVERY = 5
@@ -74,15 +74,22 @@ def reference_point(df: Any, objectives: dict[str, str]) -> list[float]:
 
 def write_front_files(run_dir: str, objectives: dict[str, str], dense_hash: str | None,
                       log: ResultLog | None = None) -> dict[str, Any]:
-    """front.parquet and front.png of a run, from its result log."""
-    df = (log or ResultLog(run_dir)).read()
+    """front.parquet and front.png of a run, from its result log.
+
+    The front is the search's: one-shot rows only. front.png also draws the front of the
+    recovered rows, when `prunetune recover --front` has logged any.
+    """
+    log = log or ResultLog(run_dir)
+    df = log.read(stage=ONESHOT)
     ok = df[df["status"] == "ok"] if len(df) else df
     if len(ok) == 0:
         return {"front_size": 0, "hypervolume": 0.0, "rows": len(df)}
     front = pareto_front(df, objectives)
     write_front(front, f"{run_dir}/{FRONT_FILE}")
     dense = ok[ok["config_hash"] == dense_hash].to_dict("records")
-    plot_front(df, front, objectives, f"{run_dir}/{PLOT_FILE}", dense=dense[0] if dense else None)
+    plot_front(df, front, objectives, f"{run_dir}/{PLOT_FILE}", dense=dense[0] if dense else None,
+               recovered=pareto_front(log.read(stage=RECOVERED), objectives))
     F = objective_matrix(front, objectives)
     hv = hypervolume(F, reference_point(ok, objectives)) if len(F) else 0.0
     return {"front_size": len(front), "hypervolume": hv, "rows": len(df)}
+

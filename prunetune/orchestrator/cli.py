@@ -1,4 +1,4 @@
-"""The `prunetune` command: search, resume, front, export, plan."""
+"""The `prunetune` command: search, resume, front, export, recover, plan."""
 
 from __future__ import annotations
 
@@ -55,16 +55,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--pick", type=int, required=True, help="row of the front table")
     export.add_argument("--out", required=True, help="output directory")
 
-    recover = sub.add_parser("recover", help="distil a front point back to quality and export it",
-                             description="Distil the sub-network at row N of `prunetune front "
-                                         "RUN_DIR` from the dense model (knowledge distillation "
-                                         "on training text), then write it as safetensors + config.")
+    recover = sub.add_parser(
+        "recover", help="distil front points back to quality",
+        description="Distil sub-networks of a run's front from the dense model (knowledge "
+                    "distillation on training text). --pick N --out DIR: the sub-network at row "
+                    "N of `prunetune front RUN_DIR`, written as safetensors + config. --front: "
+                    "every point of the front, spread over the cluster like evaluations, each "
+                    "saved to RUN_DIR/recovered/<config_hash>/, measured again and logged with "
+                    "stage recovered; points recovered before on the same budget are skipped.")
     recover.add_argument("run_dir")
-    recover.add_argument("--pick", type=int, required=True, help="row of the front table")
-    recover.add_argument("--out", required=True, help="output directory (its checkpoint/ folder "
-                                                      "lets a killed run resume)")
+    recover.add_argument("--pick", type=int, help="row of the front table (with --out)")
+    recover.add_argument("--out", help="output directory of --pick (its checkpoint/ folder "
+                                       "lets a killed run resume)")
+    recover.add_argument("--front", action="store_true",
+                         help="recover every point of the front (instead of --pick)")
     recover.add_argument("--tokens", type=int, default=DISTILL.tokens,
-                         help=f"training tokens (default {DISTILL.tokens:,})")
+                         help=f"training tokens per point (default {DISTILL.tokens:,})")
     recover.add_argument("--seq-len", type=int, default=DISTILL.seq_len,
                          help=f"tokens per training window (default {DISTILL.seq_len})")
     recover.add_argument("--lora", type=int, default=0, metavar="RANK",
@@ -72,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     recover.add_argument("--data", default=DEFAULT_TRAINING_TEXT,
                          help="training text: gutenberg (shipped), a file, a folder of .txt "
                               "files, or an HF dataset name/config:split (default gutenberg)")
+    recover.add_argument("--verbose", action="store_true", help=f"with --front: {VERBOSE_HELP}")
 
     plan = sub.add_parser("plan", help="GPUs per evaluator and evaluators per cluster",
                           description="How many GPUs one evaluator of the spec's model needs, "
@@ -147,16 +154,25 @@ def run_objectives(run_dir: str) -> dict[str, str]:
 
 
 def merged_front(run_dirs: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
-    """All rows and the merged front of several runs (which must share objectives)."""
+    """All one-shot rows and the merged front of several runs (which must share objectives)."""
     from prunetune.orchestrator.pareto import merge_fronts
-    from prunetune.orchestrator.results import ResultLog
+    from prunetune.orchestrator.results import ONESHOT, ResultLog
 
     objectives = run_objectives(run_dirs[0])
     for run_dir in run_dirs[1:]:
         if run_objectives(run_dir) != objectives:
             raise ValueError(f"{run_dir}: objectives differ from {run_dirs[0]}'s {objectives}")
-    logs = [ResultLog(run_dir).read() for run_dir in run_dirs]
+    logs = [ResultLog(run_dir).read(stage=ONESHOT) for run_dir in run_dirs]
     return pd.concat(logs, ignore_index=True), merge_fronts(logs, objectives), objectives
+
+
+def recovered_front(run_dirs: Sequence[str], objectives: dict[str, str]) -> pd.DataFrame | None:
+    """The merged front of the runs' recovered rows; None when they have none."""
+    from prunetune.orchestrator.pareto import merge_fronts
+    from prunetune.orchestrator.results import RECOVERED, ResultLog
+
+    logs = [ResultLog(run_dir).read(stage=RECOVERED) for run_dir in run_dirs]
+    return merge_fronts(logs, objectives) if any(len(log) for log in logs) else None
 
 
 def _front(args: argparse.Namespace) -> int:
@@ -170,7 +186,8 @@ def _front(args: argparse.Namespace) -> int:
         print(f"merged front: {args.merge}")
     if args.plot:
         dense = rows[(rows["trial_id"] == DENSE_TRIAL) & (rows["status"] == "ok")].to_dict("records")
-        plot_front(rows, front, objectives, args.plot, dense=dense[0] if dense else None)
+        plot_front(rows, front, objectives, args.plot, dense=dense[0] if dense else None,
+                   recovered=recovered_front(args.run_dirs, objectives))
         print(f"plot: {args.plot}")
     return 0
 
@@ -180,10 +197,14 @@ def _print_front(front: pd.DataFrame, objectives: dict[str, str]) -> None:
         print("no successful evaluation yet: the front is empty")
         return
     columns = list(dict.fromkeys([*objectives, *FRONT_COLUMNS]))
-    shown = front[[c for c in columns if c in front.columns]].reset_index(drop=True)
+    _show(front[[c for c in columns if c in front.columns]].reset_index(drop=True))
+
+
+def _show(table: pd.DataFrame) -> None:
+    """Print a table of results, numbers to 4 significant digits."""
     with pd.option_context("display.width", 160, "display.max_columns", 20,
                            "display.float_format", "{:.4g}".format):
-        print(shown.to_string())
+        print(table.to_string())
 
 
 def _front_pick(run_dir: str, pick: int) -> tuple[Any, int]:
@@ -226,28 +247,55 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
-    from prunetune.evaluators.perplexity import perplexity
-    from prunetune.evaluators.surgery import extract, save_extracted
-    from prunetune.training.data import training_windows
-    from prunetune.training.distill import distill
-    from prunetune.training.settings import DEFAULT_TRAINING_TEXT, DistillSettings
+    settings = _recover_settings(args)
+    return _recover_front(args, settings) if args.front else _recover_pick(args, settings)
 
-    settings = DistillSettings(tokens=args.tokens, seq_len=args.seq_len, lora_rank=args.lora)
+
+def _recover_settings(args: argparse.Namespace) -> DistillSettings:
+    """The distillation settings of `recover`'s arguments, once they are known to combine."""
+    if args.front == (args.pick is not None):
+        raise ValueError("give --pick N --out DIR (one front point) or --front (every point)")
+    if args.front and args.out:
+        raise ValueError("--out goes with --pick; --front writes every point to "
+                         "RUN_DIR/recovered/<config_hash>/")
+    if args.pick is not None and not args.out:
+        raise ValueError(f"--pick {args.pick} needs --out DIR")
+    return DistillSettings(tokens=args.tokens, seq_len=args.seq_len, lora_rank=args.lora)
+
+
+def _recover_pick(args: argparse.Namespace, settings: DistillSettings) -> int:
+    from prunetune.evaluators.perplexity import perplexity
+    from prunetune.evaluators.surgery import extract
+    from prunetune.orchestrator.recovery import distil_subnet, save_recovered
+
     subnet, params = _front_pick(args.run_dir, args.pick)
     evaluator = _dense_evaluator(args.run_dir, "auto")
     student = extract(evaluator.model, subnet)
     batch = evaluator.settings.batch_size
     before = perplexity(student, evaluator.windows, batch)["perplexity"]
-    windows = training_windows(evaluator.tokenizer, args.data, settings.seq_len)
     out = Path(args.out)
-    result = distill(evaluator.model, student, windows, settings, checkpoint_dir=out / "checkpoint")
+    result = distil_subnet(evaluator, student, settings, args.data, out / "checkpoint")
     after = perplexity(student, evaluator.windows, batch)["perplexity"]
-    save_extracted(student, subnet, out)
-    evaluator.tokenizer.save_pretrained(out)
+    save_recovered(student, subnet, evaluator.tokenizer, out)
     print(f"distilled on {result.tokens:,} tokens of {args.data} in {result.seconds:.0f} s: "
           f"perplexity on the run's evaluation windows {before:.4g} -> {after:.4g}")
     print(_saved(out, subnet, params))
     return 0
+
+
+def _recover_front(args: argparse.Namespace, settings: DistillSettings) -> int:
+    from prunetune.orchestrator.recovery import plan_recovery, run_recovery
+
+    plan = plan_recovery(args.run_dir, settings, args.data)
+    with _output(plan.run_dir, args.verbose):
+        outcome = run_recovery(plan)
+    _show(outcome.table)
+    print(f"\n{outcome.recovered} front points recovered now, {outcome.skipped} before, "
+          f"{len(outcome.failed)} failed")
+    for config_hash, error in outcome.failed.items():
+        print(f"{config_hash}: {error}", file=sys.stderr)
+    print(f"models: {plan.run_dir}/recovered/<config_hash>/  plot: {plan.run_dir}/front.png")
+    return 1 if outcome.failed else 0
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -226,10 +226,12 @@ def plot_front(
     objectives: Mapping[str, str],
     path: str,
     dense: Mapping[str, Any] | None = None,
+    recovered: pd.DataFrame | None = None,
 ) -> None:
     """A PNG of the first two objectives: every evaluated point in grey, the front
-    highlighted with its attainment staircase, and the dense model as a labelled star.
-    `path` may be a URI.
+    highlighted with its attainment staircase, the front of the recovered sub-networks
+    (when given and not empty) in a second colour with its own, and the dense model as a
+    labelled star. `path` may be a URI.
     """
     if len(objectives) < 2:
         raise ValueError("plot_front: needs at least two objectives to draw, got "
@@ -237,19 +239,17 @@ def plot_front(
     (x_name, x_dir), (y_name, y_dir) = list(objectives.items())[:2]
     pair = {x_name: x_dir, y_name: y_dir}
     rows, everything = _rankable(all_rows, pair)
-    _, on_front = _rankable(front, pair)
+    both = recovered is not None and len(recovered) > 0
+    fronts = [(_rankable(front, pair)[1], "tab:blue", "one-shot front" if both else "Pareto front")]
+    if both:
+        fronts.append((_rankable(recovered, pair)[1], "tab:orange", "recovered front"))
 
     figure = Figure(figsize=(7, 5), dpi=120)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     ax.scatter(*_original(everything, pair), s=10, c="0.7", label=f"evaluated ({len(rows)})")
-    ax.scatter(*_original(on_front, pair), s=24, c="tab:blue", zorder=3,
-               label=f"Pareto front ({len(on_front)})")
-    staircase = on_front[_front_mask(on_front)] if len(on_front) else on_front
-    staircase = staircase[np.lexsort((staircase[:, 1], staircase[:, 0]))]
-    if x_dir == "max":
-        staircase = staircase[::-1]
-    ax.step(*_original(staircase, pair), where="post" if x_dir == "min" else "pre", c="tab:blue")
+    for points, colour, label in fronts:
+        _draw_front(ax, points, pair, colour, f"{label} ({len(points)})")
     if dense is not None:
         missing = [name for name in pair if name not in dense]
         if missing:
@@ -257,7 +257,8 @@ def plot_front(
         point = [float(dense[x_name]), float(dense[y_name])]
         ax.scatter(*point, marker="*", s=220, c="tab:red", zorder=4, label="dense model")
         ax.annotate("dense", point, textcoords="offset points", xytext=(8, 6))
-    plotted = np.vstack([_original(everything, pair).T, _original(on_front, pair).T])
+    plotted = np.vstack([_original(everything, pair).T,
+                         *(_original(points, pair).T for points, _, _ in fronts)])
     for axis, values in ((ax.xaxis, plotted[:, 0]), (ax.yaxis, plotted[:, 1])):
         if _spans_decades(values):
             (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
@@ -269,6 +270,18 @@ def plot_front(
     figure.savefig(buffer, format="png")
     fs, target = open_filesystem(path)
     atomic_write(fs, target, buffer.getvalue())
+
+
+def _draw_front(ax: Any, points: np.ndarray, pair: Mapping[str, str], colour: str,
+                label: str) -> None:
+    """A front's points (minimisation values) and its attainment staircase."""
+    ax.scatter(*_original(points, pair), s=24, c=colour, zorder=3, label=label)
+    staircase = points[_front_mask(points)] if len(points) else points
+    staircase = staircase[np.lexsort((staircase[:, 1], staircase[:, 0]))]
+    x_dir = next(iter(pair.values()))
+    if x_dir == "max":
+        staircase = staircase[::-1]
+    ax.step(*_original(staircase, pair), where="post" if x_dir == "min" else "pre", c=colour)
 
 
 def _original(F: np.ndarray, pair: Mapping[str, str]) -> np.ndarray:

@@ -108,7 +108,7 @@ def evaluator_class_for(spec: Spec) -> type:
                                                     offload=r.offload))
 
 
-def _actor_options(spec: Spec) -> dict[str, Any]:
+def evaluator_resources(spec: Spec) -> dict[str, Any]:
     """Resources of one evaluator actor; a sharded group's GPUs are held by its ranks."""
     r = spec.resources
     return {"num_cpus": r.cpus_per_evaluator,
@@ -121,6 +121,6 @@ def start_pool(spec: Spec, run_id: str, run_dir: str,
     pool_name = f"prunetune-pool-{run_id}-{os.getpid()}"
     pool = EvaluatorPool.options(name=pool_name, namespace=NAMESPACE, resources=HEAD).remote(
         evaluator_class, spec.evaluator_settings(), spec.resources.evaluators,
-        _actor_options(spec), run_dir)
+        evaluator_resources(spec), run_dir)
     infos = ray.get(pool.infos.remote())
     return pool, pool_name, infos

@@ -1,6 +1,7 @@
 """The result log: one Parquet row per finished trial, appended, never rewritten.
 
-The log is the search's memory. It survives crashes (every part is written under a
+The log is the search's memory; recovered sub-networks (`stage` "recovered") are logged
+beside the search's one-shot rows, and only one-shot rows are its cache. It survives crashes (every part is written under a
 temporary name and renamed into place, so a reader never sees a torn file), it is the
 cache that keeps `prunetune resume` from evaluating a config twice, and it is the input
 of the Pareto aggregator. Parts live in `<run_dir>/results/part-<time>-<uuid>.parquet`;
@@ -33,6 +34,11 @@ from prunetune.search_spaces.cost import subnet_cost
 from prunetune.search_spaces.subnet import SubnetConfig
 
 STATUSES = ("ok", "failed", "infeasible")
+ONESHOT = "oneshot"
+"""The stage of a row the search wrote: a sub-network cut from the model, not trained."""
+RECOVERED = "recovered"
+"""The stage of a row `prunetune recover --front` wrote: a sub-network distilled after the cut."""
+STAGES = (ONESHOT, RECOVERED)
 DENSE_TRIAL = "dense"
 """The trial id of the dense model's row: the reference of relative constraints and plots."""
 SCHEMA_METADATA_KEY = b"prunetune.schema"
@@ -56,6 +62,9 @@ _COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("kv_bytes_per_token", pa.int64(), "KV-cache bytes per token at 2 bytes per value"),
     ("status", pa.string(), "ok | failed | infeasible"),
     ("error", pa.string(), "why the trial failed or is infeasible; null when ok"),
+    ("stage", pa.string(), "oneshot (cut, as the search measured it) | recovered (distilled "
+                           "after the cut); a log written before this column reads as oneshot"),
+    ("trained_tokens", pa.int64(), "tokens a recovered sub-network was distilled on; null for oneshot"),
     ("evaluator_id", pa.string(), "the evaluator group that measured the trial"),
     ("started_at", _TIMESTAMP, "evaluation start, UTC"),
     ("finished_at", _TIMESTAMP, "evaluation end, UTC"),
@@ -160,13 +169,17 @@ def make_row(
     started_at: datetime,
     finished_at: datetime,
     seq_len: int,
+    stage: str = ONESHOT,
+    trained_tokens: int | None = None,
 ) -> dict[str, Any]:
     """One result-log row: the trial, its architecture and exact cost, and its metrics.
 
     Timestamps must carry a time zone (they are stored in UTC); `error` is None exactly
-    when `status` is "ok"; metric names must not collide with the fixed columns.
+    when `status` is "ok"; metric names must not collide with the fixed columns; a
+    `recovered` row names the tokens it was distilled on, a `oneshot` row none.
     """
     _check_status(status, error, where="make_row")
+    _check_stage(stage, trained_tokens, where="make_row")
     for name, value in (("started_at", started_at), ("finished_at", finished_at)):
         if value.tzinfo is None:
             raise ValueError(f"{name}: needs a time zone (e.g. datetime.now(timezone.utc)), got {value}")
@@ -185,6 +198,8 @@ def make_row(
         **{name: cost[name] for name in COST_METRICS},
         "status": status,
         "error": error,
+        "stage": stage,
+        "trained_tokens": trained_tokens,
         "evaluator_id": evaluator_id,
         "started_at": started_at.astimezone(timezone.utc),
         "finished_at": finished_at.astimezone(timezone.utc),
@@ -202,6 +217,14 @@ def _check_status(status: str, error: str | None, where: str) -> None:
         raise ValueError(f"{where}: error must be None when status is 'ok', got {error!r}")
     if status == "failed" and not error:
         raise ValueError(f"{where}: a failed trial needs its error message")
+
+
+def _check_stage(stage: str, trained_tokens: int | None, where: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"{where}: stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    if (stage == RECOVERED) != (trained_tokens is not None):
+        raise ValueError(f"{where}: trained_tokens must be given for a recovered row and only "
+                         f"for one, got {trained_tokens!r} for stage {stage!r}")
 
 
 def _check_metrics(metrics: Mapping[str, Any], where: str) -> None:
@@ -222,7 +245,7 @@ def _is_number(value: Any) -> bool:
 
 class ResultLog:
     """The append-only result log of one run directory (local path or URI), and the one
-    cache of its rows by config hash: what makes every configuration evaluated once."""
+    cache of its one-shot rows by config hash: what makes every configuration evaluated once."""
 
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
@@ -276,7 +299,7 @@ class ResultLog:
         new = [path for path in self.parts() if path not in self._seen]
         if new:
             factory = ds.FileSystemDatasetFactory(self._fs, new, ds.ParquetFileFormat())
-            fresh = factory.finish(factory.inspect(promote_options="default")).to_table()
+            fresh = _with_stage(factory.finish(factory.inspect(promote_options="default")).to_table())
             merged = pa.concat_tables([self._cached, fresh], promote_options="default")
             self._cached = merged.combine_chunks()
             self._seen.update(new)
@@ -284,16 +307,18 @@ class ResultLog:
                 self.remember(row)
         return self._cached
 
-    def read(self) -> pd.DataFrame:
-        """Every finished trial as a DataFrame; a metric a run did not measure is NaN."""
-        return self.table().to_pandas()
+    def read(self, stage: str | None = None) -> pd.DataFrame:
+        """Every finished trial as a DataFrame, or those of one `stage` (ONESHOT, RECOVERED);
+        a metric a run did not measure is NaN."""
+        return self.table(filter=None if stage is None else pc.field("stage") == stage).to_pandas()
 
     def evaluated_hashes(self) -> set[str]:
-        """Config hashes of every finished trial (ok, failed or infeasible): the cache keys."""
-        return set(self.table(columns=["config_hash"]).column("config_hash").to_pylist())
+        """Config hashes of every one-shot trial (ok, failed or infeasible): the cache keys."""
+        table = self.table(columns=["config_hash"], filter=pc.field("stage") == ONESHOT)
+        return set(table.column("config_hash").to_pylist())
 
     def lookup(self, config_hash: str, refresh: bool = True) -> dict[str, Any] | None:
-        """The stored row of a config, so a cached trial reports the same metrics.
+        """The stored one-shot row of a config, so a cached trial reports the same metrics.
 
         Prefers an ok row, then the latest finished one. Metrics the row's run did not
         measure are left out; a measured NaN is kept. `refresh=False` answers from the rows
@@ -305,17 +330,30 @@ class ResultLog:
         return self._by_hash.get(config_hash)
 
     def remember(self, row: Mapping[str, Any]) -> None:
-        """Take a row that is in the log into the cache (appends and reads do this)."""
+        """Take a row that is in the log into the cache (appends and reads do this). Only
+        one-shot rows are the search's cache: a recovered row does not make its config
+        evaluated."""
+        if row.get("stage", ONESHOT) != ONESHOT:
+            return
         row = {k: v for k, v in row.items() if k in FIXED_COLUMNS or v is not None}
         known = self._by_hash.get(row["config_hash"])
         if known is None or _preference(row) >= _preference(known):
             self._by_hash[row["config_hash"]] = row
 
     def known(self, refresh: bool = True) -> Mapping[str, dict[str, Any]]:
-        """The preferred row of every logged config, by config hash."""
+        """The preferred one-shot row of every logged config, by config hash."""
         if refresh:
             self._refresh()
         return self._by_hash
+
+
+def _with_stage(table: pa.Table) -> pa.Table:
+    """The table with its `stage` filled: parts written before the column are one-shot."""
+    if "stage" not in table.column_names:
+        return table.append_column(pa.field("stage", pa.string()),
+                                   pa.array([ONESHOT] * len(table), pa.string()))
+    index = table.column_names.index("stage")
+    return table.set_column(index, "stage", pc.fill_null(table.column(index), ONESHOT))
 
 
 def _preference(row: Mapping[str, Any]) -> tuple[bool, datetime]:
@@ -328,6 +366,7 @@ def _check_row(index: int, row: Mapping[str, Any]) -> None:
     if missing:
         raise ValueError(f"row {index}: missing result-log columns {missing}")
     _check_status(row["status"], row["error"], where=f"row {index}")
+    _check_stage(row["stage"], row["trained_tokens"], where=f"row {index}")
     _check_metrics({k: v for k, v in row.items() if k not in FIXED_COLUMNS}, where=f"row {index}")
 
 

@@ -52,7 +52,9 @@ class TrialContext:
     seq_len: int
 
 
-def _metric_columns(result: dict[str, Any]) -> dict[str, float | None]:
+def metric_columns(result: dict[str, Any]) -> dict[str, float | None]:
+    """The metrics of an evaluator's result, as result-log metric columns (the fixed
+    columns and the evaluator's load time left out)."""
     skip = set(FIXED_COLUMNS) | {"load_seconds"}
     return {k: v for k, v in result.items()
             if k not in skip and (v is None or isinstance(v, (int, float)))}
@@ -88,7 +90,7 @@ def evaluate_subnet(context: TrialContext, subnet: SubnetConfig, trial_id: str) 
     finally:
         pool.release.remote(index)
     finished = datetime.now(timezone.utc)
-    row = make_row(context.run_id, trial_id, subnet, context.model_config, _metric_columns(result),
+    row = make_row(context.run_id, trial_id, subnet, context.model_config, metric_columns(result),
                    result["status"], result.get("error"), f"{result.get('evaluator_id')}@{node[:12]}",
                    started, finished, context.seq_len)
     ray.get(pool.record.remote(row))

@@ -76,3 +76,8 @@ class DistillSettings:
         """Optimizer steps the token budget buys (at least one)."""
         per_step = self.windows_per_step * self.seq_len
         return max(1, -(-self.tokens // per_step))
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens a run trains on: the budget rounded up to whole optimizer steps."""
+        return self.steps * self.windows_per_step * self.seq_len
