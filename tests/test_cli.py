@@ -125,6 +125,19 @@ def test_recover_distils_a_front_point_and_exports_it(tiny_run, tmp_path, capsys
     assert any((out / "checkpoint").iterdir())
 
 
+@pytest.mark.slow
+def test_recover_on_two_workers_exports_the_distilled_point(tiny_run, tmp_path, capsys) -> None:
+    front = pd.read_parquet(tiny_run / "run" / "front.parquet")
+    pick = len(front) - 1
+    out = tmp_path / "recovered"
+    assert main(["recover", str(tiny_run / "run"), "--pick", str(pick), "--out", str(out),
+                 "--tokens", "1024", "--seq-len", "32", "--workers", "2"]) == 0
+    assert "distilled on 1,024 tokens of gutenberg by 2 workers" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == front.iloc[pick]["params"]
+    assert (out / "tokenizer_config.json").is_file()
+
+
 def test_recover_refuses_evaluation_text(tiny_run, tmp_path, capsys) -> None:
     assert main(["recover", str(tiny_run / "run"), "--pick", "0", "--out", str(tmp_path / "r"),
                  "--data", "wikitext2"]) == 2

@@ -173,6 +173,23 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
+def load_tokenizer(source: str) -> Any:
+    """The tokenizer of a model source, without its weights (a driver that tokenizes
+    training text for workers that hold the model); None for a `config.json` source."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(source)
+    if is_config_file(source):
+        return None
+    if source.endswith(".gguf"):
+        gguf = Path(source)
+        cached = _gguf_cache_path(gguf)
+        if (cached / "config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(cached))
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(source)
+
+
 def tiny_config(model_type: str = "llama", **overrides: Any) -> Any:
     """A small config of a supported family, for tests and examples."""
     from transformers import AutoConfig

@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     recover.add_argument("--data", default=DEFAULT_TRAINING_TEXT,
                          help="training text: gutenberg (shipped), a file, a folder of .txt "
                               "files, or an HF dataset name/config:split (default gutenberg)")
+    recover.add_argument("--workers", type=int, default=1,
+                         help="with --pick: train on this many GPUs (Ray Train workers, "
+                              "DeepSpeed ZeRO-2), the run's Ray cluster or a local one")
     recover.add_argument("--verbose", action="store_true", help=f"with --front: {VERBOSE_HELP}")
 
     plan = sub.add_parser("plan", help="GPUs per evaluator and evaluators per cluster",
@@ -260,10 +263,15 @@ def _recover_settings(args: argparse.Namespace) -> DistillSettings:
                          "RUN_DIR/recovered/<config_hash>/")
     if args.pick is not None and not args.out:
         raise ValueError(f"--pick {args.pick} needs --out DIR")
+    if args.workers < 1 or (args.front and args.workers > 1):
+        raise ValueError(f"--workers {args.workers}: a positive count, with --pick "
+                         "(--front trains each point on one of the run's evaluators' devices)")
     return DistillSettings(tokens=args.tokens, seq_len=args.seq_len, lora_rank=args.lora)
 
 
 def _recover_pick(args: argparse.Namespace, settings: DistillSettings) -> int:
+    if args.workers > 1:
+        return _recover_on_workers(args, settings)
     from prunetune.evaluators.perplexity import perplexity
     from prunetune.evaluators.surgery import extract
     from prunetune.orchestrator.recovery import distil_subnet, save_recovered
@@ -280,6 +288,18 @@ def _recover_pick(args: argparse.Namespace, settings: DistillSettings) -> int:
     print(f"distilled on {result.tokens:,} tokens of {args.data} in {result.seconds:.0f} s: "
           f"perplexity on the run's evaluation windows {before:.4g} -> {after:.4g}")
     print(_saved(out, subnet, params))
+    return 0
+
+
+def _recover_on_workers(args: argparse.Namespace, settings: DistillSettings) -> int:
+    from prunetune.orchestrator.recovery import recover_on_workers
+
+    subnet, params = _front_pick(args.run_dir, args.pick)
+    result = recover_on_workers(args.run_dir, subnet, settings, args.data, args.out,
+                                args.workers)
+    print(f"distilled on {result.tokens:,} tokens of {args.data} by {args.workers} workers in "
+          f"{result.seconds:.0f} s: loss {result.losses[0]:.4g} -> {result.final_loss:.4g}")
+    print(_saved(Path(args.out), subnet, params))
     return 0
 
 

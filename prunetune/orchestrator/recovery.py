@@ -15,7 +15,8 @@ point's row, then removes its checkpoint; at the end it redraws front.png with b
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from prunetune.cluster.connect import code_runtime_env, connect
 from prunetune.evaluators.evaluator import Evaluator
+from prunetune.evaluators.model import load_tokenizer
 from prunetune.evaluators.settings import EvaluatorSettings
 from prunetune.evaluators.surgery import extract, save_extracted
 from prunetune.metrics import COST_METRICS, MEMORY_METRIC
@@ -111,6 +113,44 @@ def save_recovered(student: nn.Module, subnet: SubnetConfig, tokenizer: Any,
     path = save_extracted(student, subnet, out)
     tokenizer.save_pretrained(path)
     return path
+
+
+def dense_and_student(evaluator_settings: EvaluatorSettings, subnet: SubnetConfig,
+                      device: Any) -> tuple[nn.Module, nn.Module]:
+    """A distillation worker's teacher (the dense model, loaded and sorted as the run's
+    evaluator does, on the worker's current device) and its float32 student."""
+    evaluator = Evaluator(replace(evaluator_settings, tasks=()), f"distil-{subnet.config_hash()[:8]}")
+    return evaluator.model, extract(evaluator.model, subnet).float()
+
+
+def recover_on_workers(run_dir: str, subnet: SubnetConfig, settings: DistillSettings,
+                       data: str, out: str | Path, workers: int) -> DistillResult:
+    """Distil one sub-network of a run on `workers` Ray Train workers (one GPU each when
+    the cluster has GPUs) with DeepSpeed ZeRO-2, and write it with its tokenizer to `out`;
+    its checkpoints go to `out/checkpoint`, where a run started again resumes."""
+    from prunetune.training.distributed import WorkerSettings, distill_on_workers
+
+    spec = run_spec(run_dir)
+    evaluator_settings = spec.evaluator_settings()
+    out = Path(out).resolve()
+    tokenizer = load_tokenizer(evaluator_settings.model)
+    if tokenizer is None:
+        raise ValueError(f"model {evaluator_settings.model}: random weights have no tokenizer "
+                         "to read training text with")
+    windows = training_windows(tokenizer, data, settings.seq_len)
+    connect(spec.address, code_runtime_env(spec.ship_code),
+            num_cpus=None if spec.address else local_cpus(spec))
+    placement = WorkerSettings(workers=workers, storage=str(out / CHECKPOINT_DIR),
+                               name="distill", use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+    result = distill_on_workers(partial(dense_and_student, evaluator_settings, subnet), windows,
+                                settings, placement, finish=partial(save_student, subnet, out))
+    tokenizer.save_pretrained(out)
+    return result
+
+
+def save_student(subnet: SubnetConfig, out: Path, student: nn.Module) -> None:
+    """Write a trained student as `prunetune export` writes a sub-network."""
+    save_extracted(student, subnet, out)
 
 
 def recover_point(evaluator_settings: EvaluatorSettings, subnet: SubnetConfig,
