@@ -55,15 +55,17 @@ def save_to(path: Path, student: torch.nn.Module) -> None:
     torch.save(states(student), path)
 
 
-def test_two_gloo_workers_train_what_one_process_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_gloo_workers_train_what_one_process_does(tmp_path: Path, zero_stage: int) -> None:
     teacher, alone = pair()
     reference = distill(teacher, alone, windows(), QUICK)
 
     workers = WorkerSettings(workers=2, storage=str(tmp_path / "ray"), name="two",
-                             use_gpu=False)
+                             use_gpu=False, zero_stage=zero_stage)
     result = distill_on_workers(build, windows(), QUICK, workers,
                                 finish=functools.partial(save_to, tmp_path / "student.pt"))
     assert result.steps == reference.steps == 12 and result.tokens == reference.tokens
+    assert result.tokens_per_s > 0
     torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-7)
     trained = torch.load(tmp_path / "student.pt", weights_only=True)
     torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)

@@ -28,6 +28,32 @@ from prunetune.training.lora import add_lora, merge_lora
 from prunetune.training.settings import DistillSettings
 
 
+WARMUP_STEPS = 3
+"""Steps of a call left out of its throughput: CUDA, cuBLAS and allocator set-up."""
+
+
+class StepClock:
+    """Times a call's optimizer steps after its first `WARMUP_STEPS`. Each step ends with
+    the loss read back to the host, so the device has finished it when `tick` runs."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.tokens = 0
+        self.start = 0.0
+
+    def tick(self, tokens: int) -> None:
+        """Count one finished step of `tokens` student tokens (all workers together)."""
+        self.steps += 1
+        if self.steps == WARMUP_STEPS:
+            self.start = time.perf_counter()
+        elif self.steps > WARMUP_STEPS:
+            self.tokens += tokens
+
+    def tokens_per_s(self) -> float | None:
+        """Student tokens per second of the timed steps; None before any."""
+        return self.tokens / (time.perf_counter() - self.start) if self.tokens else None
+
+
 @dataclass(frozen=True)
 class DistillResult:
     """What a distillation did: tokens trained and optimizer steps (over the whole run,
@@ -39,6 +65,7 @@ class DistillResult:
     losses: list[float]
     resumed_from: int
     seconds: float
+    tokens_per_s: float | None = None
 
     @property
     def final_loss(self) -> float:
@@ -75,6 +102,7 @@ def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
                     or progress)
     resumed_from = progress.step
     student.train()
+    clock = StepClock()
     try:
         with progress_bar(settings, progress) as bar:
             while progress.step < settings.steps:
@@ -84,7 +112,7 @@ def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                advance(progress, settings, loss.item(), bar)
+                advance(progress, settings, loss.item(), bar, clock)
                 if checkpoint_dir is not None and checkpoint_due(progress, settings):
                     save_checkpoint(checkpoint_dir, student, optimizer, scheduler, progress,
                                     identity)
@@ -93,7 +121,8 @@ def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
     if peft_model is not None:
         merge_lora(peft_model)
     return DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
-                         resumed_from=resumed_from, seconds=time.perf_counter() - start)
+                         resumed_from=resumed_from, seconds=time.perf_counter() - start,
+                         tokens_per_s=clock.tokens_per_s())
 
 
 def check_inputs(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
@@ -148,9 +177,11 @@ def train_step(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
     return total
 
 
-def advance(progress: Progress, settings: DistillSettings, loss: float, bar: Any) -> None:
+def advance(progress: Progress, settings: DistillSettings, loss: float, bar: Any,
+            clock: StepClock) -> None:
     """Count one finished optimizer step, and show it."""
     tokens = settings.windows_per_step * settings.seq_len
+    clock.tick(tokens)
     progress.step += 1
     progress.windows += settings.windows_per_step
     progress.tokens += tokens

@@ -24,7 +24,7 @@ from torch import nn
 
 from prunetune.training.checkpoint import Progress, refuse_other_run, run_identity
 from prunetune.training.distill import (
-    DistillResult, advance, check_inputs, checkpoint_due, cosine_schedule, progress_bar,
+    DistillResult, StepClock, advance, check_inputs, checkpoint_due, cosine_schedule, progress_bar,
     train_step,
 )
 from prunetune.training.settings import DistillSettings
@@ -118,19 +118,21 @@ def worker_loop(config: dict[str, Any]) -> None:
     progress = restore(engine, identity)
     resumed_from = progress.step
     student.train()
+    clock = StepClock()
     with progress_bar(settings, progress, disable=rank != 0) as bar:
         while progress.step < settings.steps:
             loss = train_step(teacher, student, windows, settings, progress.windows,
                               backward=lambda micro_loss: ds_backward(engine, micro_loss),
                               rank=rank, world=world)
-            advance(progress, settings, mean_over_workers(loss, world), bar)
+            advance(progress, settings, mean_over_workers(loss, world), bar, clock)
             if checkpoint_due(progress, settings) and progress.step < settings.steps:
                 report(engine, progress, identity, {})
     student.eval()
     if config["finish"] is not None:
         finish_on_first(student, config["finish"], rank, config["zero_stage"])
     result = DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
-                           resumed_from=resumed_from, seconds=time.perf_counter() - start)
+                           resumed_from=resumed_from, seconds=time.perf_counter() - start,
+                           tokens_per_s=clock.tokens_per_s())
     report(engine, progress, identity, {"result": asdict(result)})
 
 
