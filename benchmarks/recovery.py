@@ -12,7 +12,8 @@ Gutenberg corpus, `--tokens` tokens, windows of `--seq-len`), and measured again
 Markdown table and writes recovery.json and recovery.png to --out.
 
     python benchmarks/recovery.py [--tokens 2000000] [--budgets 0.8 0.6 0.5]
-        [--device cuda] [--out benchmarks]
+        [--methods ...] [--device cuda] [--out benchmarks]
+    python benchmarks/recovery.py --merge gpu0/recovery.json gpu1/recovery.json
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=DistillSettings.lr)
     p.add_argument("--test-windows", type=int, default=32)
     p.add_argument("--task-limit", type=int, default=200)
+    p.add_argument("--methods", nargs="+", default=[SEARCH, *RECIPES],
+                   help="which of the methods to recover (to split the work over GPUs)")
+    p.add_argument("--merge", type=Path, nargs="+",
+                   help="no measuring: table and plot of these recovery.json files together")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=HERE)
     return p.parse_args()
@@ -89,9 +94,9 @@ def plan(args: argparse.Namespace, evaluator: Evaluator) -> list[tuple[str, floa
     picks = {p["budget"]: SubnetConfig(**{k: tuple(v) if isinstance(v, list) else v
                                           for k, v in p["subnet"].items()})
              for p in points if p["method"] == SEARCH}
-    out = [(SEARCH, b, picks[b]) for b in args.budgets if b in picks]
+    out = [(SEARCH, b, picks[b]) for b in args.budgets if b in picks and SEARCH in args.methods]
     order = evaluator.scores.layer_order() if evaluator.scores else None
-    for name in RECIPES:
+    for name in (m for m in RECIPES if m in args.methods):
         out += [(name, b, s) for b, s in
                 zip(args.budgets, baseline_subnets(name, evaluator.model.config, order,
                                                    args.budgets))]
@@ -148,8 +153,23 @@ def plot(rows: list[Row], dense: dict, path: Path) -> None:
     figure.savefig(path)
 
 
+def merge(args: argparse.Namespace) -> None:
+    """Table, plot and one recovery.json of several runs' recovery.json files."""
+    runs = [json.loads(path.read_text()) for path in args.merge]
+    rows = [Row(**row) for run in runs for row in run["rows"]]
+    merged = {**runs[0], "rows": [vars(r) for r in rows],
+              "seconds": sum(run["seconds"] for run in runs),
+              "merged": [str(path) for path in args.merge]}
+    print(markdown(rows, runs[0]["dense"], runs[0]["trained_tokens"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "recovery.json").write_text(json.dumps(merged, indent=2))
+    plot(rows, runs[0]["dense"], args.out / "recovery.png")
+
+
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        return merge(args)
     start = time.perf_counter()
     evaluator = Evaluator(report_settings(args), "recovery")
     dense = evaluator.measure(SubnetConfig.dense(evaluator.model.config), set(METRICS))
@@ -172,6 +192,7 @@ def main() -> None:
         "device": device, "seconds": time.perf_counter() - start,
         "settings": {**vars(settings), "windows_available": len(windows)},
         "dense": {k: float(v) for k, v in dense.items() if k in METRICS},
+        "trained_tokens": settings.trained_tokens,
         "rows": [vars(r) for r in rows]}, indent=2, default=str))
     plot(rows, dense, args.out / "recovery.png")
 
