@@ -7,8 +7,9 @@ per-layer space, selected on validation windows), and the uniform-activation, la
 and mlp-only recipes of `prunetune.orchestrator.baselines`. All use the activation
 importance order calibrated as in quality.py. Each is measured one-shot (WikiText-2 test
 perplexity on `--test-windows` windows of 256 tokens, zero-shot PIQA on `--task-limit`
-items), distilled (`prunetune.training.distill`: KL to the dense model on the shipped
-Gutenberg corpus, `--tokens` tokens, windows of `--seq-len`), and measured again. Prints a
+items), distilled (`prunetune.training.distill`: KL to the dense model's top `--top-k`
+tokens, their logits cached once for every student, on the shipped Gutenberg corpus,
+`--tokens` tokens, windows of `--seq-len`), and measured again. Prints a
 Markdown table and writes recovery.json and recovery.png to --out.
 
     python benchmarks/recovery.py [--tokens 2000000] [--budgets 0.8 0.6 0.5]
@@ -34,6 +35,7 @@ from prunetune.search_spaces.subnet import SubnetConfig
 from prunetune.training.data import training_windows
 from prunetune.training.distill import distill
 from prunetune.training.settings import DistillSettings
+from prunetune.training.teacher import TeacherTopK, teacher_top_k
 
 HERE = Path(__file__).resolve().parent
 SEARCH = "search (per_layer)"
@@ -66,6 +68,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--accumulation", type=int, default=1)
     p.add_argument("--lr", type=float, default=DistillSettings.lr)
+    p.add_argument("--top-k", type=int, default=64,
+                   help="distil on the teacher's top-k logits, cached once for every student "
+                        "(0: the whole vocabulary, the live teacher)")
     p.add_argument("--test-windows", type=int, default=32)
     p.add_argument("--task-limit", type=int, default=200)
     p.add_argument("--methods", nargs="+", default=[SEARCH, *RECIPES],
@@ -103,12 +108,12 @@ def plan(args: argparse.Namespace, evaluator: Evaluator) -> list[tuple[str, floa
     return out
 
 
-def recover(evaluator: Evaluator, windows: torch.Tensor, settings: DistillSettings,
-            method: str, budget: float, subnet: SubnetConfig) -> Row:
+def recover(evaluator: Evaluator, teacher: torch.nn.Module | TeacherTopK, windows: torch.Tensor,
+            settings: DistillSettings, method: str, budget: float, subnet: SubnetConfig) -> Row:
     """Measure one sub-network one-shot, distil it, measure it again."""
     before = evaluator.measure(subnet, set(METRICS))
     student = extract(evaluator.model, subnet).float()
-    result = distill(evaluator.model, student, windows, settings)
+    result = distill(teacher, student, windows, settings)
     after = evaluator.measure(subnet, set(METRICS), trained=student.to(evaluator.dtype))
     return Row(method, budget, int(before["params"]), before["perplexity"], after["perplexity"],
                before["acc_piqa"], after["acc_piqa"], result.seconds, result.tokens_per_s)
@@ -175,11 +180,16 @@ def main() -> None:
     dense = evaluator.measure(SubnetConfig.dense(evaluator.model.config), set(METRICS))
     settings = DistillSettings(tokens=args.tokens, seq_len=args.seq_len,
                                micro_batch=args.micro_batch, accumulation=args.accumulation,
-                               lr=args.lr)
+                               lr=args.lr, top_k=args.top_k or None)
     windows = training_windows(evaluator.tokenizer, "gutenberg", args.seq_len)
+    teacher = evaluator.model
+    if args.top_k:
+        teacher = teacher_top_k(evaluator.model, windows, args.top_k, batch=args.micro_batch)
+        print(f"teacher top-{args.top_k} logits of {len(windows)} windows cached in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
     rows = []
     for method, budget, subnet in plan(args, evaluator):
-        rows.append(recover(evaluator, windows, settings, method, budget, subnet))
+        rows.append(recover(evaluator, teacher, windows, settings, method, budget, subnet))
         r = rows[-1]
         print(f"{method} at {budget:.0%}: ppl {r.ppl_oneshot:.1f} -> {r.ppl_recovered:.1f}, "
               f"PIQA {r.piqa_oneshot:.3f} -> {r.piqa_recovered:.3f} "

@@ -4,6 +4,7 @@ and the training text."""
 from __future__ import annotations
 
 import gzip
+from dataclasses import replace
 import importlib.machinery
 import os
 import signal
@@ -301,3 +302,22 @@ def test_bad_settings_name_the_field(field: str, value: object, message: str) ->
 def test_windows_of_another_length_are_refused() -> None:
     with pytest.raises(ValueError, match="distill.seq_len = 32"):
         distill(*pair(), random_windows(96, 4, 16), QUICK)
+
+
+def test_a_cached_teacher_trains_the_student_as_the_live_top_k_teacher_does() -> None:
+    from prunetune.training.teacher import teacher_top_k
+
+    settings = replace(QUICK, top_k=8, tokens=SEQ * 8 * 4)
+    teacher, live = pair()
+    teacher.to(torch.bfloat16)  # the cache keeps bfloat16 logits: a bf16 teacher's, exactly
+    reference = distill(teacher, live, windows(), settings)
+    cache = teacher_top_k(teacher, windows(), k=8, batch=16)
+    assert cache.values.shape == (64, SEQ - 1, 8) and cache.indices.dtype == torch.int32
+    cached = pair()[1]
+    result = distill(cache, cached, windows(), settings)
+    torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(states(cached), states(live), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="distill.top_k = 4: the teacher cache holds the top 8"):
+        distill(cache, cached, windows(), replace(settings, top_k=4))
+    with pytest.raises(ValueError, match="teacher cache is of"):
+        distill(cache, cached, windows(32), settings)

@@ -26,6 +26,7 @@ from prunetune.training.data import window_indices
 from prunetune.training.loss import distill_loss_sum
 from prunetune.training.lora import add_lora, merge_lora
 from prunetune.training.settings import DistillSettings
+from prunetune.training.teacher import TeacherTopK
 
 
 WARMUP_STEPS = 3
@@ -73,12 +74,14 @@ class DistillResult:
         return self.losses[-1]
 
 
-def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
+def distill(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: torch.Tensor,
             settings: DistillSettings = DistillSettings(),
             checkpoint_dir: str | Path | None = None) -> DistillResult:
     """Train `student` in place to match `teacher` on `windows` `[n, settings.seq_len]`.
 
-    The teacher is put in eval mode with gradients off and is never changed. Both models
+    The teacher is put in eval mode with gradients off and is never changed; it can also
+    be its cached top-k logits over `windows` (`teacher.teacher_top_k`, with
+    `settings.top_k` equal to its k), which students sharing the windows share. Both models
     must be on one device; the student's parameters should be float32 (on GPU, autocast
     runs the matmuls in bf16). With LoRA (`settings.lora_rank > 0`) the adapters are
     merged into the student's weights before returning. With `checkpoint_dir`, progress is
@@ -88,7 +91,7 @@ def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
     start = time.perf_counter()
     check_inputs(teacher, student, windows, settings)
     torch.manual_seed(settings.seed)
-    teacher.eval().requires_grad_(False)
+    freeze(teacher)
     peft_model = None
     if settings.lora_rank:
         peft_model = add_lora(student, settings.lora_rank, settings.lora_alpha)
@@ -125,12 +128,21 @@ def distill(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
                          tokens_per_s=clock.tokens_per_s())
 
 
-def check_inputs(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
+def freeze(teacher: nn.Module | TeacherTopK) -> None:
+    """A teacher model runs in eval mode without gradients (a cache has neither)."""
+    if isinstance(teacher, nn.Module):
+        teacher.eval().requires_grad_(False)
+
+
+def check_inputs(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: torch.Tensor,
                  settings: DistillSettings) -> None:
     """Raise, naming what is wrong, for models or windows distillation cannot use."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] != settings.seq_len:
         raise ValueError(f"windows must be [n >= 1, distill.seq_len = {settings.seq_len}], "
                          f"got {tuple(windows.shape)}")
+    if isinstance(teacher, TeacherTopK):
+        check_cache(teacher, windows, settings)
+        return
     vocab = (teacher.config.vocab_size, student.config.vocab_size)
     if vocab[0] != vocab[1]:
         raise ValueError(f"teacher and student have other vocabularies: vocab_size "
@@ -141,6 +153,16 @@ def check_inputs(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
                          "put both on one device")
 
 
+def check_cache(cache: TeacherTopK, windows: torch.Tensor, settings: DistillSettings) -> None:
+    """A teacher cache must hold the windows' positions, at `distill.top_k` logits each."""
+    if settings.top_k != cache.k:
+        raise ValueError(f"distill.top_k = {settings.top_k}: the teacher cache holds the top "
+                         f"{cache.k} logits; set distill.top_k to {cache.k}")
+    if tuple(cache.values.shape[:2]) != (windows.shape[0], windows.shape[1] - 1):
+        raise ValueError(f"the teacher cache is of {tuple(cache.values.shape[:2])} windows x "
+                         f"positions, the windows {tuple(windows.shape)}: build it from them")
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, settings: DistillSettings) -> Any:
     """Linear warmup over the first `settings.warmup` of the steps, then cosine decay to 0."""
     from transformers import get_cosine_schedule_with_warmup
@@ -149,7 +171,7 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, settings: DistillSettings)
                                            settings.steps)
 
 
-def train_step(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
+def train_step(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: torch.Tensor,
                settings: DistillSettings, position: int,
                backward: Callable[[torch.Tensor], Any], rank: int = 0,
                world: int = 1) -> torch.Tensor:
@@ -170,11 +192,21 @@ def train_step(teacher: nn.Module, student: nn.Module, windows: torch.Tensor,
     for micro in mine.split(settings.micro_batch):
         ids = windows[micro].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = distill_loss_sum(teacher, student, ids, settings.temperature, settings.top_k,
-                                    settings.lm_weight) / predicted
+            loss = micro_loss(teacher, student, ids, micro, settings) / predicted
         backward(loss)
         total += loss.detach()
     return total
+
+
+def micro_loss(teacher: nn.Module | TeacherTopK, student: nn.Module, ids: torch.Tensor,
+               micro: torch.Tensor, settings: DistillSettings) -> torch.Tensor:
+    """The summed loss of the windows `ids` (positions `micro` of the training windows),
+    against the teacher model or its cached top-k logits."""
+    if isinstance(teacher, TeacherTopK):
+        return distill_loss_sum(None, student, ids, settings.temperature, settings.top_k,
+                                settings.lm_weight, teacher_top=teacher.rows(micro, ids.device))
+    return distill_loss_sum(teacher, student, ids, settings.temperature, settings.top_k,
+                            settings.lm_weight)
 
 
 def advance(progress: Progress, settings: DistillSettings, loss: float, bar: Any,

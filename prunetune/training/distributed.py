@@ -24,8 +24,8 @@ from torch import nn
 
 from prunetune.training.checkpoint import Progress, refuse_other_run, run_identity
 from prunetune.training.distill import (
-    DistillResult, StepClock, advance, check_inputs, checkpoint_due, cosine_schedule, progress_bar,
-    train_step,
+    DistillResult, StepClock, advance, check_inputs, checkpoint_due, cosine_schedule, freeze,
+    progress_bar, train_step,
 )
 from prunetune.training.settings import DistillSettings
 
@@ -112,7 +112,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     teacher, student = config["build"](device)
     check_inputs(teacher, student, windows, settings)
     torch.manual_seed(settings.seed)
-    teacher.eval().requires_grad_(False)
+    freeze(teacher)
     engine = deepspeed_engine(student, settings, config["zero_stage"], world)
     identity = run_identity(settings, windows)
     progress = restore(engine, identity)

@@ -1,0 +1,62 @@
+"""The teacher's top-k next-token logits over the training windows, computed once.
+
+Distillation over the teacher's `top_k` tokens needs, of the teacher, only its `k` largest
+logits at every position and their token ids. Computed once for a set of windows, they
+serve every student trained on those windows (every point of a front, every recipe of a
+benchmark): a student's step then runs no teacher at all, and costs what a plain training
+step of the student costs plus the KL term. Held in host memory, in bfloat16 and int32:
+6 bytes per value, `windows * (seq_len - 1) * k` values (2M tokens at k = 64: 0.8 GB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunetune.evaluators.perplexity import hidden_states, logit_chunks, model_device
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """The teacher's `k` largest logits `values` and their token ids `indices`, each
+    `[windows, seq_len - 1, k]`, at every predicted position of the training windows."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        """Logits kept per position."""
+        return self.values.shape[-1]
+
+    def rows(self, windows: torch.Tensor,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached logits and ids of the windows at positions `windows`, on `device`."""
+        return (self.values[windows].to(device, non_blocking=True),
+                self.indices[windows].to(device, non_blocking=True))
+
+
+@torch.no_grad()
+def teacher_top_k(teacher: nn.Module, windows: torch.Tensor, k: int,
+                  batch: int = 8) -> TeacherTopK:
+    """The teacher's top-`k` logits at every position of `windows` `[n, seq_len]`, computed
+    `batch` windows at a time on the teacher's device (bf16 autocast on GPU, as training),
+    its LM head in row chunks of bounded logits."""
+    teacher.eval()
+    device = model_device(teacher)
+    head = teacher.get_output_embeddings()
+    n, length = windows.shape
+    values = torch.empty(n, length - 1, k, dtype=torch.bfloat16)
+    indices = torch.empty(n, length - 1, k, dtype=torch.int32)
+    for start in range(0, n, batch):
+        ids = windows[start:start + batch].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            hidden = hidden_states(teacher, ids)[:, :-1].flatten(0, 1)
+            count = logit_chunks(hidden.shape[0], head.weight.shape[0])
+            tops = [head(part).float().topk(k, dim=-1) for part in hidden.tensor_split(count)]
+        shape = (len(ids), length - 1, k)
+        values[start:start + batch] = torch.cat([t.values for t in tops]).view(shape).cpu()
+        indices[start:start + batch] = torch.cat([t.indices for t in tops]).view(shape).cpu()
+    return TeacherTopK(values, indices)
