@@ -70,7 +70,7 @@ def one_count(args: argparse.Namespace, config, subnet: SubnetConfig, workers: i
                             (settings.steps * settings.windows_per_step, args.seq_len))
     placement = WorkerSettings(workers=workers, storage=tempfile.mkdtemp(prefix="distill-"),
                                name=f"w{workers}", use_gpu=True, zero_stage=args.zero)
-    build = functools.partial(random_pair, str(args.config), subnet)
+    build = functools.partial(random_pair, str(args.config.resolve()), subnet)
     try:
         result = distill_on_workers(build, windows, settings, placement, finish=peak_memory)
     except RuntimeError as exc:

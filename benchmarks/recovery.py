@@ -188,22 +188,21 @@ def main() -> None:
         print(f"teacher top-{args.top_k} logits of {len(windows)} windows cached in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
     rows = []
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
     for method, budget, subnet in plan(args, evaluator):
         rows.append(recover(evaluator, teacher, windows, settings, method, budget, subnet))
         r = rows[-1]
         print(f"{method} at {budget:.0%}: ppl {r.ppl_oneshot:.1f} -> {r.ppl_recovered:.1f}, "
               f"PIQA {r.piqa_oneshot:.3f} -> {r.piqa_recovered:.3f} "
               f"({r.train_seconds:.0f} s, {r.tokens_per_s or 0:,.0f} tokens/s)", flush=True)
-    table = markdown(rows, dense, settings.trained_tokens)
-    print(table)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "recovery.json").write_text(json.dumps({
-        "device": device, "seconds": time.perf_counter() - start,
-        "settings": {**vars(settings), "windows_available": len(windows)},
-        "dense": {k: float(v) for k, v in dense.items() if k in METRICS},
-        "trained_tokens": settings.trained_tokens,
-        "rows": [vars(r) for r in rows]}, indent=2, default=str))
+        (args.out / "recovery.json").write_text(json.dumps({
+            "device": device, "seconds": time.perf_counter() - start,
+            "settings": {**vars(settings), "windows_available": len(windows)},
+            "dense": {k: float(v) for k, v in dense.items() if k in METRICS},
+            "trained_tokens": settings.trained_tokens,
+            "rows": [vars(r) for r in rows]}, indent=2, default=str))
+    print(markdown(rows, dense, settings.trained_tokens))
     plot(rows, dense, args.out / "recovery.png")
 
 

@@ -91,6 +91,10 @@ def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path) ->
     trained = torch.load(tmp_path / "student.pt", weights_only=True)
     torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
 
+    (tmp_path / "student.pt").unlink()
+    again = distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
+    assert again == result and not (tmp_path / "student.pt").exists()
+
 
 def test_steps_that_do_not_split_over_the_workers_are_refused(tmp_path: Path) -> None:
     workers = WorkerSettings(workers=3, storage=str(tmp_path), name="three", use_gpu=False)

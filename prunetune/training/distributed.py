@@ -8,15 +8,17 @@ the weights too), and each optimizer step's windows are split between the worker
 where one would. Checkpoints (DeepSpeed's, with the progress) go to Ray Train's storage,
 a local folder or `s3://` / `gs://`, every `checkpoint_every` steps; a run started again
 with the same storage and name resumes from the last one and loses at most the steps
-since. The teacher is frozen and whole on every worker.
+since (and a finished run returns its result at once). The teacher is frozen and whole on every worker.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -36,6 +38,7 @@ Finish = Callable[[nn.Module], None]
 """Runs on the first worker with the trained student, whole (e.g. to export it)."""
 
 CHECKPOINT_TAG = "state"
+FINISHED_FILE = "result.json"
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,10 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     start = time.perf_counter()
+    done = finished_result(ray.train.get_checkpoint())
+    if done is not None:
+        report_finished(done)
+        return
     settings: DistillSettings = config["settings"]
     windows: torch.Tensor = config["windows"]
     context = ray.train.get_context()
@@ -126,14 +133,14 @@ def worker_loop(config: dict[str, Any]) -> None:
                               rank=rank, world=world)
             advance(progress, settings, mean_over_workers(loss, world), bar, clock)
             if checkpoint_due(progress, settings) and progress.step < settings.steps:
-                report(engine, progress, identity, {})
+                report(engine, progress, identity)
     student.eval()
     if config["finish"] is not None:
         finish_on_first(student, config["finish"], rank, config["zero_stage"])
     result = DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
                            resumed_from=resumed_from, seconds=time.perf_counter() - start,
                            tokens_per_s=clock.tokens_per_s())
-    report(engine, progress, identity, {"result": asdict(result)})
+    report_finished(result)
 
 
 def worker_device() -> torch.device:
@@ -202,8 +209,7 @@ def restore(engine: Any, identity: dict[str, Any]) -> Progress:
     return Progress(**client["progress"])
 
 
-def report(engine: Any, progress: Progress, identity: dict[str, Any],
-           metrics: dict[str, Any]) -> None:
+def report(engine: Any, progress: Progress, identity: dict[str, Any]) -> None:
     """Checkpoint every worker's shard of the run with its progress, and report it."""
     import ray.train
 
@@ -212,8 +218,32 @@ def report(engine: Any, progress: Progress, identity: dict[str, Any],
                                client_state={"progress": asdict(progress),
                                              "identity": identity})
         ray.train.report({"step": progress.step, "tokens": progress.tokens,
-                          "loss": progress.losses[-1], **metrics},
+                          "loss": progress.losses[-1]},
                          checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def report_finished(result: DistillResult) -> None:
+    """Report a finished run with a checkpoint of the first worker's result only: the
+    trained student went to `finish`, and its training state (16 bytes a parameter) is
+    not written again. Started again, the run finds it and returns it without training."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank():
+        ray.train.report({"result": asdict(result)}, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / FINISHED_FILE).write_text(json.dumps(asdict(result)))
+        ray.train.report({"result": asdict(result)},
+                         checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def finished_result(checkpoint: Any) -> DistillResult | None:
+    """The result a finished run's last checkpoint holds; None for an unfinished run."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / FINISHED_FILE
+        return DistillResult(**json.loads(path.read_text())) if path.is_file() else None
 
 
 def finish_on_first(student: nn.Module, finish: Finish, rank: int, zero_stage: int) -> None:
