@@ -31,7 +31,9 @@ def window_nll(base_nll: float, index: int) -> float:
 
 
 class StandInEvaluator(EvaluatorBase):
-    """Sleeps `PRUNETUNE_STANDIN_SECONDS` per evaluation; perplexity falls with parameters.
+    """Sleeps `PRUNETUNE_STANDIN_SECONDS` per evaluation; perplexity falls with parameters
+    and rises with every layer dropped, so that a shallow sub-network is dominated by a
+    deeper one of its size.
 
     Its loss is a mean over the windows of a span, each window adding its own difficulty,
     so a multi-fidelity search sees first windows that rank like the whole set. Every
@@ -62,7 +64,7 @@ class StandInEvaluator(EvaluatorBase):
                 f.write(f"{subnet.config_hash()}{part}\n")
         params = subnet_cost(SMOLLM2_CONFIG, subnet)["params"]
         depth_penalty = 30 - subnet.num_layers
-        base = math.log(10 * math.exp(1.5e8 / params - 1.1) + 0.5 * depth_penalty)
+        base = 1.5e8 / params - 1.1 + math.log(10) + 0.1 * depth_penalty
         nll = sum(window_nll(base, i) for i in range(start, stop)) / (stop - start)
         return {"perplexity": math.exp(nll), "nll": nll, "tokens": (stop - start) * 255}
 

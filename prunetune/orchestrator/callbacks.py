@@ -12,7 +12,9 @@ from typing import Any
 from ray import tune
 
 from prunetune.orchestrator.console import console
-from prunetune.orchestrator.pareto import hypervolume, objective_matrix, pareto_front, plot_front, write_front
+from prunetune.orchestrator.pareto import (
+    full_fidelity, hypervolume, objective_matrix, pareto_front, plot_front, write_front,
+)
 from prunetune.orchestrator.results import ResultLog
 from prunetune.orchestrator.run_record import FRONT_FILE, PLOT_FILE
 
@@ -74,9 +76,9 @@ def reference_point(df: Any, objectives: dict[str, str]) -> list[float]:
 
 def write_front_files(run_dir: str, objectives: dict[str, str], dense_hash: str | None,
                       log: ResultLog | None = None) -> dict[str, Any]:
-    """front.parquet and front.png of a run, from its result log."""
+    """front.parquet and front.png of a run, from the full-fidelity rows of its result log."""
     df = (log or ResultLog(run_dir)).read()
-    ok = df[df["status"] == "ok"] if len(df) else df
+    ok = df[(df["status"] == "ok").to_numpy(dtype=bool) & full_fidelity(df)] if len(df) else df
     if len(ok) == 0:
         return {"front_size": 0, "hypervolume": 0.0, "rows": len(df)}
     front = pareto_front(df, objectives)

@@ -61,6 +61,8 @@ _COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("finished_at", _TIMESTAMP, "evaluation end, UTC"),
     ("eval_seconds", pa.float64(), "finished_at - started_at in seconds"),
     ("versions", pa.string(), "JSON of the prunetune, torch, transformers and ray versions"),
+    ("fidelity", pa.int64(), "evaluation windows the perplexity was scored on: all of the run's "
+     "for a full evaluation, the first few for a multi-fidelity screen; null in older logs (full)"),
 )
 FIXED_COLUMNS = tuple(name for name, _, _ in _COLUMNS)
 SCHEMA_DESCRIPTION = "\n".join(
@@ -160,11 +162,13 @@ def make_row(
     started_at: datetime,
     finished_at: datetime,
     seq_len: int,
+    fidelity: int | None = None,
 ) -> dict[str, Any]:
     """One result-log row: the trial, its architecture and exact cost, and its metrics.
 
     Timestamps must carry a time zone (they are stored in UTC); `error` is None exactly
     when `status` is "ok"; metric names must not collide with the fixed columns.
+    `fidelity` is the number of evaluation windows the metrics cover.
     """
     _check_status(status, error, where="make_row")
     for name, value in (("started_at", started_at), ("finished_at", finished_at)):
@@ -190,6 +194,7 @@ def make_row(
         "finished_at": finished_at.astimezone(timezone.utc),
         "eval_seconds": (finished_at - started_at).total_seconds(),
         "versions": library_versions(),
+        "fidelity": fidelity,
     }
     row.update({name: None if value is None else float(value) for name, value in metrics.items()})
     return row
@@ -295,7 +300,8 @@ class ResultLog:
     def lookup(self, config_hash: str, refresh: bool = True) -> dict[str, Any] | None:
         """The stored row of a config, so a cached trial reports the same metrics.
 
-        Prefers an ok row, then the latest finished one. Metrics the row's run did not
+        Prefers an ok row, then the one of most windows (a full evaluation over a
+        multi-fidelity screen), then the latest finished one. Metrics the row's run did not
         measure are left out; a measured NaN is kept. `refresh=False` answers from the rows
         this log has read or written so far, without listing the folder again (for the
         single writer of a run, which knows every row).
@@ -318,9 +324,12 @@ class ResultLog:
         return self._by_hash
 
 
-def _preference(row: Mapping[str, Any]) -> tuple[bool, datetime]:
-    """Which of two rows of a config a lookup answers with: ok first, then the latest."""
-    return row.get("status") == "ok", row.get("finished_at") or _EPOCH
+def _preference(row: Mapping[str, Any]) -> tuple[bool, float, datetime]:
+    """Which of two rows of a config a lookup answers with: ok first, then the most
+    windows (no `fidelity`: an older log's full evaluation), then the latest."""
+    fidelity = row.get("fidelity")
+    return (row.get("status") == "ok", math.inf if fidelity is None else fidelity,
+            row.get("finished_at") or _EPOCH)
 
 
 def _check_row(index: int, row: Mapping[str, Any]) -> None:

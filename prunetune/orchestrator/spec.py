@@ -27,7 +27,8 @@ from prunetune.evaluators.settings import (
     DEFAULTS, HARNESS_PREFIX, LATENCY_MODES, EvaluatorSettings, LatencySettings, task_name,
 )
 from prunetune.metrics import (
-    ACCURACY_AVERAGE, COST_METRICS, LATENCY_METRICS, MEMORY_METRIC, PERPLEXITY_METRICS, task_of,
+    ACCURACY_AVERAGE, COST_METRICS, LATENCY_METRICS, MEMORY_METRIC, PERPLEXITY_METRICS,
+    SCREENED_METRICS, task_of, wants_accuracy,
 )
 from prunetune.search_spaces.spaces import preset_bounds
 
@@ -179,6 +180,25 @@ class LatencySpec(_Section):
     mode: Literal[LATENCY_MODES] = _LATENCY.mode
 
 
+class FidelitySpec(_Section):
+    """Multi-fidelity evaluation: the window counts a proposal is screened at first.
+
+    No rungs (the default): every proposal is scored on every window. With rungs, a proposal
+    is scored on the first `rungs[0]` windows and goes on to the next rung, and at last to
+    all windows, only while no full-fidelity row at least as good in every other objective
+    beats it on those same windows by more than `margin` (relative, in mean loss).
+    """
+
+    rungs: list[Annotated[int, Field(ge=1)]] = []
+    margin: float = Field(0.05, ge=0)
+
+    @model_validator(mode="after")
+    def _rungs_ascend(self) -> "FidelitySpec":
+        if self.rungs != sorted(set(self.rungs)):
+            raise _field_error("rungs", f"must ascend without repeats, got {self.rungs}")
+        return self
+
+
 class EvaluationSpec(_Section):
     """How one sub-network is measured, and the calibration data of importance scores."""
 
@@ -193,6 +213,14 @@ class EvaluationSpec(_Section):
     mode: Literal["extracted", "masked"] = DEFAULTS.mode
     importance: Literal["activation", "magnitude", "none"] = DEFAULTS.importance
     latency: LatencySpec = LatencySpec()
+    fidelity: FidelitySpec = FidelitySpec()
+
+    @model_validator(mode="after")
+    def _rungs_below_windows(self) -> "EvaluationSpec":
+        if self.fidelity.rungs and self.fidelity.rungs[-1] >= self.windows:
+            raise _field_error("fidelity.rungs", f"each rung must be fewer windows than "
+                               f"windows = {self.windows}, got {self.fidelity.rungs}")
+        return self
 
     @model_validator(mode="after")
     def _task_names_are_distinct(self) -> "EvaluationSpec":
@@ -282,6 +310,20 @@ class Spec(_Section):
             reason = self.evaluation.missing_producer(constraint.metric)
             if reason:
                 raise _field_error(f"constraints[{i}]", f"{constraint.metric} {reason}")
+        return self
+
+    @model_validator(mode="after")
+    def _fidelity_screens_perplexity(self) -> "Spec":
+        if not self.evaluation.fidelity.rungs:
+            return self
+        if not set(self.objectives) & set(SCREENED_METRICS):
+            raise _field_error("evaluation.fidelity.rungs", "multi-fidelity evaluation screens "
+                               "by perplexity: name perplexity or nll among the objectives")
+        for metric in self.metrics_needed():
+            if wants_accuracy([metric]):
+                raise _field_error("evaluation.fidelity.rungs", f"{metric} is measured on "
+                                   "tasks, not windows: multi-fidelity evaluation would measure "
+                                   "it at every rung; leave the rungs out")
         return self
 
     @model_validator(mode="after")
