@@ -61,9 +61,9 @@ def test_rungs_must_ascend_below_full_fidelity(rungs) -> None:
         Fidelity(windows=8, rungs=rungs)
 
 
-def make_reference(params: list[float], rung_nll: list[float], full_nll: list[float]) -> Reference:
+def make_reference(params: list[float], rung_nll: list[float], ratio: float = 1.1) -> Reference:
     return Reference(costs=np.array(params, dtype=float)[:, None], rung_nll=np.array(rung_nll),
-                     full_nll=np.array(full_nll))
+                     full_ratio=ratio)
 
 
 @pytest.mark.parametrize("params, nll, promoted", [
@@ -75,14 +75,14 @@ def make_reference(params: list[float], rung_nll: list[float], full_nll: list[fl
     (200.0, 3.16, False),   # larger and worse than the 100-parameter row
 ])
 def test_promotion_needs_a_reference_row_as_cheap_and_better_beyond_the_margin(params, nll, promoted) -> None:
-    ref = make_reference([100.0, 150.0], [3.0, 2.5], [3.3, 2.7])
+    ref = make_reference([100.0, 150.0], [3.0, 2.5])
     candidate = {"status": "ok", "nll": nll, "perplexity": math.exp(nll), "params": params}
     assert promote(candidate, ref, OBJECTIVES, margin=0.05) is promoted
 
 
 def test_promotion_reads_maximised_objectives_and_an_empty_reference() -> None:
     objectives = {"nll": "min", "acc_proxy": "max"}
-    ref = Reference(costs=np.array([[-0.8]]), rung_nll=np.array([3.0]), full_nll=np.array([3.2]))
+    ref = Reference(costs=np.array([[-0.8]]), rung_nll=np.array([3.0]))
     worse = {"status": "ok", "nll": 4.0, "acc_proxy": 0.7}
     better_at_other = {"status": "ok", "nll": 4.0, "acc_proxy": 0.9}
     assert not promote(worse, ref, objectives, 0.05)
@@ -92,21 +92,22 @@ def test_promotion_reads_maximised_objectives_and_an_empty_reference() -> None:
     assert not promote({"status": "failed", "nll": None}, empty, objectives, 0.05)
 
 
-def test_the_reference_pairs_full_rows_with_their_rows_at_the_rung() -> None:
+def test_the_reference_holds_every_row_at_the_rung_and_the_full_to_rung_ratio() -> None:
     rows = pd.DataFrame([row(30, 3.0, 2), row(30, 3.3, 8), row(28, 3.5, 2), row(28, 3.9, 8),
-                         row(26, 4.0, 2),                      # screened out: not a reference
+                         row(26, 4.0, 2),                      # dropped there: compared with too
                          row(24, 5.0, 4), row(24, 5.2, 8),      # no row at rung 2
                          row(22, 1.0, 2, status="failed")])
     ref = reference(rows, 2, OBJECTIVES)
-    assert sorted(ref.rung_nll) == [3.0, 3.5] and sorted(ref.full_nll) == [3.3, 3.9]
-    assert ref.costs.shape == (2, 1)
-    assert ref.full_ratio() == pytest.approx(np.median([3.3 / 3.0, 3.9 / 3.5]))
+    assert sorted(ref.rung_nll) == [3.0, 3.5, 4.0] and ref.costs.shape == (3, 1)
+    assert ref.full_ratio == pytest.approx(np.median([3.3 / 3.0, 3.9 / 3.5]))
+    assert reference(rows, 4, OBJECTIVES).full_ratio == pytest.approx(5.2 / 5.0)
     old_log = pd.DataFrame([row(30, 3.0, 8)]).drop(columns="fidelity")
-    assert len(reference(old_log, 2, OBJECTIVES).rung_nll) == 0
+    empty = reference(old_log, 2, OBJECTIVES)
+    assert len(empty.rung_nll) == 0 and empty.full_ratio == 1.0
 
 
 def test_a_dropped_proposal_is_told_with_its_loss_scaled_to_full_fidelity() -> None:
-    ref = make_reference([100.0, 150.0], [3.0, 2.0], [3.3, 2.2])
+    ref = make_reference([100.0, 150.0], [3.0, 2.0], ratio=1.1)
     told = full_estimate({"status": "ok", "nll": 5.0, "perplexity": math.exp(5.0)}, ref)
     assert told["nll"] == pytest.approx(5.5) and told["perplexity"] == pytest.approx(math.exp(5.5))
 
@@ -145,7 +146,7 @@ class TableHost:
 
 
 FIDELITY = Fidelity(windows=8, rungs=(2,), margin=0.05)
-FRONT = make_reference([100.0], [3.0], [3.2])
+FRONT = make_reference([100.0], [3.0])
 
 
 def test_a_dominated_proposal_stops_at_the_rung() -> None:
@@ -250,8 +251,8 @@ def test_the_searcher_retries_an_interrupted_promotion_and_tells_screens_scaled(
     becomes a trial again; one it drops is answered from the log, scaled to full fidelity."""
     log = ResultLog(str(tmp_path))
     log.append([row(28, 3.0, 2), row(28, 3.3, 8),          # a full row and its screen
-                row(24, 3.1, 2),                            # fewer parameters: promotable
-                row(29, 3.4, 2)])                           # more parameters, worse: dropped
+                row(24, 3.1, 2),                            # the fewest parameters: promotable
+                row(29, 3.4, 2)])                           # beaten by both on the same windows
     searcher = GuardedSearcher(Recorder(), SPACE, OBJECTIVES, str(tmp_path), lambda s: True,
                                budget=10, fidelity=FIDELITY)
     searcher.algorithm.initial = [{"depth": 29}, {"depth": 24}]
