@@ -41,7 +41,8 @@ class FixedTimeEvaluator(EvaluatorBase):
     def model_config(self) -> Any:
         return SMOLLM2
 
-    def measure(self, subnet: SubnetConfig, metrics: set[str]) -> dict[str, Any]:
+    def measure(self, subnet: SubnetConfig, metrics: set[str],
+                span: tuple[int, int] | None = None) -> dict[str, Any]:
         time.sleep(self.seconds)
         size = subnet.num_layers * subnet.embed * sum(subnet.mlp)
         return {"perplexity": 1e12 / size}

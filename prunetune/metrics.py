@@ -12,6 +12,10 @@ from typing import Iterable
 PERPLEXITY_METRICS = ("perplexity", "nll", "tokens")
 """Perplexity on the evaluation windows, mean negative log-likelihood, tokens scored."""
 
+SCREENED_METRICS = ("perplexity", "nll")
+"""The objectives that depend on how many evaluation windows are scored (both follow the
+mean loss): what a multi-fidelity screen on the first windows compares."""
+
 COST_METRICS = ("params", "flops", "kv_bytes_per_token")
 """Computed from the model config alone: constraints on them are checked before a
 sub-network is evaluated, and the result log stores them as fixed columns."""

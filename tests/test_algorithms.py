@@ -4,7 +4,9 @@ import random
 
 import pytest
 
-from prunetune.orchestrator.algorithms import LocalSearch, parameter_groups
+from prunetune.orchestrator.algorithms import ALGORITHMS, LocalSearch, parameter_groups
+from prunetune.orchestrator.results import ResultLog
+from prunetune.search_spaces.subnet import SubnetConfig
 from prunetune.search_spaces.spaces import make_space
 from standin import SMOLLM2_CONFIG
 
@@ -118,21 +120,26 @@ def _finish(searcher, trial_id: str, config: dict, run_dir: str) -> None:
     searcher.on_trial_complete(trial_id, row)
 
 
-@pytest.mark.parametrize("name", ["nsga3", "tpe", "gp"])
-def test_model_based_proposers_hand_out_distinct_configs_and_resume(name, tmp_path) -> None:
-    """Concurrent askers (three trials running at once) never get the same config, and a
-    restored searcher goes on without handing out a config again."""
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_proposer_hands_out_distinct_configs_and_resumes_after_a_kill(name, tmp_path) -> None:
+    """Four trials in flight at once never get the same config. A searcher killed some
+    trials after its last checkpoint (its saved state lags behind the log) and restored
+    from that checkpoint hands out no config that is logged or still running."""
     run_dir = str(tmp_path)
     searcher = _guarded(name, run_dir)
     handed = {}
-    for i in range(10):
+    for i in range(14):
         handed[f"t{i}"] = searcher.suggest(f"t{i}")
-        if i >= 3:
-            _finish(searcher, f"t{i - 3}", handed[f"t{i - 3}"], run_dir)
+        if i >= 4:
+            _finish(searcher, f"t{i - 4}", handed[f"t{i - 4}"], run_dir)
+        if i == 9:
+            searcher.save(str(tmp_path / "state.pkl"))
     subnets = [c["subnet"] for c in handed.values()]
     assert len(set(subnets)) == len(subnets)
-    searcher.save(str(tmp_path / "state.pkl"))
     restored = _guarded(name, run_dir)
     restored.restore(str(tmp_path / "state.pkl"))
-    later = [restored.suggest(f"r{i}")["subnet"] for i in range(5)]
-    assert len(set(later)) == 5 and not set(later) & set(subnets)
+    logged = set(ResultLog(run_dir).evaluated_hashes())
+    running_at_checkpoint = {handed[f"t{i}"]["subnet"] for i in range(6, 10)}
+    later = [restored.suggest(f"r{i}")["subnet"] for i in range(6)]
+    assert len(set(later)) == 6 and not set(later) & running_at_checkpoint
+    assert not {SubnetConfig.from_json(c).config_hash() for c in later} & logged

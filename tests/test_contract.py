@@ -21,7 +21,8 @@ class Failing(StandInEvaluator):
         super().__init__(None, "failing")
         self.error = error
 
-    def measure(self, subnet: SubnetConfig, metrics: set[str]) -> dict[str, Any]:
+    def measure(self, subnet: SubnetConfig, metrics: set[str],
+                span: tuple[int, int] | None = None) -> dict[str, Any]:
         raise self.error
 
 

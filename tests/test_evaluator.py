@@ -43,6 +43,20 @@ def test_same_subnet_gives_the_same_numbers_twice(settings) -> None:
     assert dense["perplexity"] != first["perplexity"] and dense["params"] > first["params"]
 
 
+def test_a_window_span_scores_those_windows_only(settings) -> None:
+    """The first windows, then the rest, give the loss of all windows (what a
+    multi-fidelity promotion adds up), and a span beyond the windows is a failed result."""
+    evaluator = Evaluator(settings)
+    whole = evaluator.evaluate(SUBNET, ["perplexity"])
+    first = evaluator.evaluate(SUBNET, ["perplexity"], (0, 1))
+    rest = evaluator.evaluate(SUBNET, ["perplexity"], (1, 4))
+    assert (first["tokens"], rest["tokens"]) == (31, 3 * 31)
+    total = first["nll"] * first["tokens"] + rest["nll"] * rest["tokens"]
+    assert total / whole["tokens"] == pytest.approx(whole["nll"], rel=1e-6)
+    beyond = evaluator.evaluate(SUBNET, ["perplexity"], (2, 6))
+    assert beyond["status"] == "failed" and "not within the 4 evaluation windows" in beyond["error"]
+
+
 def test_masked_and_extracted_modes_agree(settings) -> None:
     extracted = Evaluator(settings).evaluate(SUBNET, ["perplexity"])
     masked_settings = EvaluatorSettings(**{**settings.__dict__, "mode": "masked"})

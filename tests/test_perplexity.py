@@ -51,6 +51,29 @@ def test_perplexity_matches_reference_loop_for_every_family(tiny_model):
     assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_window_losses_add_up_to_the_loss_of_all_windows(tiny):
+    """A multi-fidelity promotion scores only the windows not scored yet: the per-window
+    losses of any split, in any batching, sum to the loss of the whole set."""
+    windows = random_windows(7, 33)
+    per_window = ppl.nll_per_window(tiny, windows, batch_size=3)
+    assert per_window.shape == (7,) and per_window.dtype == torch.float64
+    first, rest = ppl.nll_per_window(tiny, windows[:2], 2), ppl.nll_per_window(tiny, windows[2:], 4)
+    assert torch.allclose(torch.cat([first, rest]), per_window, rtol=1e-6)
+    whole = perplexity(tiny, windows, batch_size=7)
+    split = ppl.perplexity_metrics(float(first.sum() + rest.sum()), ppl.window_tokens(windows))
+    assert split["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+    assert whole["perplexity"] == pytest.approx(reference_perplexity(tiny, windows), rel=1e-5)
+
+
+def test_a_window_span_selects_windows_and_rejects_spans_outside_them(tiny):
+    windows = random_windows(5, 9)
+    assert torch.equal(ppl.window_span(windows, (1, 3)), windows[1:3])
+    assert ppl.window_span(windows, None) is windows
+    for bad in ((0, 6), (3, 3), (-1, 2)):
+        with pytest.raises(ValueError, match="not within the 5 evaluation windows"):
+            ppl.window_span(windows, bad)
+
+
 def test_perplexity_in_small_logit_chunks_is_unchanged(tiny, monkeypatch):
     windows = random_windows(5, 20)
     whole = perplexity(tiny, windows, batch_size=5)

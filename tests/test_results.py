@@ -38,7 +38,7 @@ def row(i: int, metrics: dict | None = None, status: str = "ok", error: str | No
         run_id, f"trial-{i}", subnet(i), MODEL,
         {"perplexity": 10.0 + i, "nll": math.log(10.0 + i)} if metrics is None else metrics,
         status, error, "group-0", T0 + timedelta(seconds=i), T0 + timedelta(seconds=i + 2.5), 128,
-        stage=stage, trained_tokens=trained_tokens,
+        stage=stage, trained_tokens=trained_tokens, fidelity=8,
     )
 
 

@@ -19,6 +19,7 @@ from prunetune.orchestrator.search import resume_search, run_search
 from standin import SMOLLM2_CONFIG, StandInEvaluator
 
 TESTS = Path(__file__).parent
+OBJECTIVES = {"perplexity": "min", "params": "min"}
 
 
 @pytest.fixture
@@ -56,6 +57,27 @@ def test_search_logs_every_trial_once_and_writes_the_front(tmp_path, standin_env
     expected = pareto_front(log, {"perplexity": "min", "params": "min"})
     assert sorted(front["config_hash"]) == sorted(expected["config_hash"])
     assert (tmp_path / "run" / "front.png").stat().st_size > 10_000
+
+
+def test_multi_fidelity_screens_first_windows_and_scores_no_window_twice(tmp_path, standin_env) -> None:
+    """Every proposal is scored on the first 2 of 8 windows; the promoted ones get the other
+    6 (never the first 2 again), the rest stop there; the front holds full rows only."""
+    outcome = run_search(spec(tmp_path / "run", algorithm={"name": "local", "num_samples": 12,
+                                                           "population_size": 4},
+                              evaluation={"windows": 8, "fidelity": {"rungs": [2], "margin": 0.0}},
+                              resources={"evaluators": 1}),
+                         StandInEvaluator, num_cpus=4)
+    log = ResultLog(outcome.run_dir).read()
+    assert set(log["fidelity"]) == {2, 8} and log["config_hash"].nunique() == 13
+    full = log[log["fidelity"] == 8]
+    assert set(full["config_hash"]) <= set(log.loc[log["fidelity"] == 2, "config_hash"])
+    assert 1 < len(full) < 13, "some proposals are promoted and some are not"
+    calls = evaluated(standin_env)
+    assert sorted(calls) == sorted({*(f"{h}@0-2" for h in log["config_hash"].unique()),
+                                    *(f"{h}@2-8" for h in full["config_hash"])})
+    front = pd.read_parquet(tmp_path / "run" / "front.parquet")
+    assert set(front["fidelity"]) == {8}
+    assert sorted(front["config_hash"]) == sorted(pareto_front(full, OBJECTIVES)["config_hash"])
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime, timezone
 
 import pytest
@@ -35,8 +36,9 @@ def test_defaults_run_a_small_cpu_search_on_smollm2(tmp_path):
     empty = load_spec(_write(tmp_path, ""))
     assert spec == empty.model_copy(update={
         "constraints": ["params >= 0.65 * dense"],
-        "algorithm": empty.algorithm.model_copy(update={"num_samples": 20})})
+        "algorithm": empty.algorithm.model_copy(update={"num_samples": 20, "name": "random"})})
     assert empty.constraints == [] and empty.algorithm.num_samples == 40
+    assert empty.algorithm.name == "tpe" and empty.evaluation.fidelity.rungs == []
     assert (spec.model, spec.dtype, spec.search_space.preset) == ("smollm2", "float32", "uniform")
     assert spec.objectives == {"perplexity": "min", "params": "min"}
     assert spec.metrics_needed() == ["perplexity", "params"]
@@ -170,6 +172,28 @@ def test_unreadable_or_malformed_files(tmp_path):
 def test_a_mapping_is_named_in_errors():
     with pytest.raises(SpecError, match=r"^<spec>: max_failures: Input should be greater than or equal to 0"):
         load_spec({"max_failures": -1})
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"evaluation": {"fidelity": {"rungs": [8]}}},
+     "evaluation.fidelity.rungs: each rung must be fewer windows than windows = 8, got [8]"),
+    ({"evaluation": {"windows": 32, "fidelity": {"rungs": [4, 2]}}},
+     "evaluation.fidelity.rungs: must ascend without repeats, got [4, 2]"),
+    ({"evaluation": {"fidelity": {"rungs": [0]}}}, "evaluation.fidelity.rungs[0]: Input should be"),
+    ({"evaluation": {"fidelity": {"rungs": [2], "margin": -0.1}}}, "evaluation.fidelity.margin"),
+    ({"objectives": {"params": "min", "flops": "min"}, "evaluation": {"fidelity": {"rungs": [2]}}},
+     "name perplexity or nll among the objectives"),
+    ({"objectives": {"perplexity": "min", "acc_piqa": "max"},
+      "evaluation": {"tasks": ["piqa"], "fidelity": {"rungs": [2]}}},
+     "acc_piqa is measured on tasks, not windows"),
+])
+def test_multi_fidelity_rungs_are_window_counts_below_windows_screening_perplexity(data, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_spec(data)
+    ok = load_spec({"evaluation": {"windows": 32, "fidelity": {"rungs": [2, 8]},
+                                   "latency": {"enabled": True}},
+                    "objectives": {"nll": "min", "latency_decode_ms": "min"}})
+    assert ok.evaluation.fidelity.rungs == [2, 8] and ok.evaluation.fidelity.margin == 0.02
 
 
 def test_sections_are_immutable():

@@ -2,8 +2,9 @@
 every evaluator shares.
 
 An evaluator holds one model (on one device, or sharded over a group) and answers two
-calls: `info()`, what it holds, and `evaluate(subnet, metrics)`, every requested metric of
-one sub-network. `evaluate` never raises: a bad sub-network or an out-of-memory error is a
+calls: `info()`, what it holds, and `evaluate(subnet, metrics, span)`, every requested
+metric of one sub-network, with perplexity on the evaluation windows `[start, stop)` of
+`span` (all of them for None; a multi-fidelity search scores the first few, then the rest). `evaluate` never raises: a bad sub-network or an out-of-memory error is a
 failed result and the evaluator stays usable; an evaluator that can never evaluate again
 (a sharded group that lost a rank) says so with `evaluator_broken: True`, and the
 orchestrator replaces it. `EvaluatorBase` implements that wrapper once; an evaluator
@@ -58,16 +59,20 @@ class EvaluatorBase(ABC):
         """The dense model's config, which every sub-network is validated against."""
 
     @abstractmethod
-    def measure(self, subnet: SubnetConfig, metrics: set[str]) -> dict[str, Any]:
-        """The metrics of a valid sub-network; may raise. A result with its own `status`
-        and `error` (a measurement that failed in part) is passed on as it is."""
+    def measure(self, subnet: SubnetConfig, metrics: set[str],
+                span: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The metrics of a valid sub-network, perplexity on the windows of `span`; may
+        raise. A result with its own `status` and `error` (a measurement that failed in
+        part) is passed on as it is."""
 
     def release_memory(self) -> None:
         """Free what an evaluation left behind (called after every evaluation)."""
         release_memory()
 
-    def evaluate(self, subnet: SubnetConfig | str, metrics: list[str]) -> dict[str, Any]:
-        """Every requested metric of `subnet`, plus status, error and timings; never raises."""
+    def evaluate(self, subnet: SubnetConfig | str, metrics: list[str],
+                 span: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Every requested metric of `subnet`, perplexity on the windows `[start, stop)` of
+        `span` (all for None), plus status, error and timings; never raises."""
         self.calls += 1
         start = time.perf_counter()
         result: dict[str, Any] = {"evaluator_id": self.evaluator_id,
@@ -76,7 +81,7 @@ class EvaluatorBase(ABC):
             if isinstance(subnet, str):
                 subnet = SubnetConfig.from_json(subnet)
             subnet.validate(self.model_config())
-            result.update({"status": "ok", "error": None, **self.measure(subnet, set(metrics))})
+            result.update({"status": "ok", "error": None, **self.measure(subnet, set(metrics), span)})
         except EvaluatorBroken as exc:
             result.update(status="failed", error=f"evaluator group broken: {exc}",
                           evaluator_broken=True)

@@ -26,7 +26,7 @@ from prunetune.evaluators.data import token_windows
 from prunetune.evaluators.importance import ImportanceScores, permute_model
 from prunetune.evaluators.latency import LatencyCache, latency_cache_file, subnet_latency
 from prunetune.evaluators.model import load_model
-from prunetune.evaluators.perplexity import perplexity
+from prunetune.evaluators.perplexity import perplexity, window_span
 from prunetune.evaluators.settings import EvaluatorSettings, split_tasks, task_name
 from prunetune.evaluators.surgery import apply_masks, extract
 from prunetune.evaluators.zeroshot import evaluate_tasks, load_task
@@ -75,15 +75,17 @@ class Evaluator(EvaluatorBase):
         return self.model.config
 
     def measure(self, subnet: SubnetConfig, metrics: set[str],
+                span: tuple[int, int] | None = None,
                 trained: nn.Module | None = None) -> dict[str, Any]:
         """The metrics of `subnet`: cut from the resident model, or, given `trained`, the
         extracted sub-network's own weights trained further (a recovered student) scored on
-        the same windows and tasks. Cost and latency depend on the shapes alone."""
+        the same windows and tasks; perplexity on the windows of `span` only, when given.
+        Cost and latency depend on the shapes alone."""
         out: dict[str, Any] = dict(subnet_cost(self.model.config, subnet, self.settings.seq_len,
                                                self.model.dtype.itemsize, self.settings.batch_size))
         if wants_perplexity(metrics) or wants_accuracy(metrics):
             with self._subnet_model(subnet, trained) as model:
-                out.update(self._quality(model, metrics))
+                out.update(self._quality(model, metrics, span))
         if wants_latency(metrics):
             out.update(subnet_latency(self.model.config, subnet, self.settings.latency,
                                       self.device, self.dtype, self.latency_cache))
@@ -104,10 +106,11 @@ class Evaluator(EvaluatorBase):
         else:
             yield extract(self.model, subnet)
 
-    def _quality(self, model: nn.Module, metrics: set[str]) -> dict[str, float]:
+    def _quality(self, model: nn.Module, metrics: set[str],
+                 span: tuple[int, int] | None) -> dict[str, float]:
         out: dict[str, float] = {}
         if wants_perplexity(metrics):
-            out.update(perplexity(model, self.windows, self.settings.batch_size))
+            out.update(perplexity(model, window_span(self.windows, span), self.settings.batch_size))
         if self.settings.tasks and wants_accuracy(metrics):
             out.update(self._accuracy(model))
         return out

@@ -92,10 +92,17 @@ def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     return torch.cat(parts)
 
 
+def window_nll_sums(model: nn.Module, ids: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
+    """The negative log-likelihood (float64) of every next token of windows `ids`, summed
+    per window: `[batch]`."""
+    hidden = hidden_states(model, ids)[:, :-1].flatten(0, 1)
+    logprobs = token_logprobs(model, hidden, ids[:, 1:].reshape(-1), chunks)
+    return -logprobs.view(ids.shape[0], -1).sum(1, dtype=torch.float64)
+
+
 def nll_sum(model: nn.Module, ids: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
     """The summed negative log-likelihood (float64) of every next token of windows `ids`."""
-    hidden = hidden_states(model, ids)[:, :-1].flatten(0, 1)
-    return -token_logprobs(model, hidden, ids[:, 1:].reshape(-1), chunks).sum(dtype=torch.float64)
+    return window_nll_sums(model, ids, chunks).sum()
 
 
 class WindowLoss(nn.Module):
@@ -114,11 +121,43 @@ class WindowLoss(nn.Module):
         return nll_sum(self.model, ids, self.chunks)
 
 
-def perplexity_metrics(nll_total: float, windows: torch.Tensor) -> dict[str, float]:
-    """`perplexity`, `nll` (mean per token) and `tokens` from the loss sum over `windows`."""
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
+def window_tokens(windows: torch.Tensor) -> int:
+    """Tokens scored in windows `[n, seq_len]`: every one but the first of each window."""
+    return windows.shape[0] * (windows.shape[1] - 1)
+
+
+def perplexity_metrics(nll_total: float, tokens: int) -> dict[str, float]:
+    """`perplexity`, `nll` (mean per token) and `tokens` from a loss sum over `tokens`."""
     nll = nll_total / tokens
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens}
+
+
+def window_span(windows: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
+    """The windows `[start, stop)` of `span` (all of them for None): the fidelity a
+    multi-fidelity search scores a sub-network at."""
+    if span is None:
+        return windows
+    start, stop = span
+    if not 0 <= start < stop <= windows.shape[0]:
+        raise ValueError(f"window span {list(span)} is not within the {windows.shape[0]} "
+                         "evaluation windows")
+    return windows[start:stop]
+
+
+def nll_per_window(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """The summed negative log-likelihood of each window's tokens `[n]` (float64, on the CPU).
+
+    Windows are scored in batches of `batch_size`; each loss is a sum over its own window,
+    so the losses of any windows add up to the loss of all of them: a multi-fidelity
+    search scores the first windows, then only the rest.
+    """
+    if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
+        raise ValueError(f"windows must be [n >= 1, seq_len >= 2], got {tuple(windows.shape)}")
+    device = model_device(model)
+    with torch.inference_mode():
+        sums = [window_nll_sums(model, batch.to(device, non_blocking=True))
+                for batch in windows.split(batch_size)]
+    return torch.cat(sums).cpu()
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
@@ -127,11 +166,5 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> 
     Returns `perplexity`, `nll` (mean negative log-likelihood per token) and `tokens`
     (tokens scored: `n * (seq_len - 1)`).
     """
-    if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
-        raise ValueError(f"windows must be [n >= 1, seq_len >= 2], got {tuple(windows.shape)}")
-    device = model_device(model)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    with torch.inference_mode():
-        for batch in windows.split(batch_size):
-            total += nll_sum(model, batch.to(device, non_blocking=True))
-    return perplexity_metrics(total.item(), windows)
+    total = nll_per_window(model, windows, batch_size).sum().item()
+    return perplexity_metrics(total, window_tokens(windows))

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from ray.tune.search import Searcher
 
+from prunetune.orchestrator.fidelity import Fidelity, Reference, full_estimate, promote, reference
 from prunetune.orchestrator.results import DENSE_TRIAL, ResultLog
 from prunetune.search_spaces.spaces import SearchSpace
 from prunetune.search_spaces.subnet import SubnetConfig
@@ -181,17 +182,26 @@ class GuardedSearcher(Searcher):
     already in the log is answered with its stored result at once. The budget counts
     the log, not Tune's trials: after a hard stop Tune's own state may lag behind the log,
     and the search must still end with exactly `budget` results.
+
+    With multi-fidelity evaluation (`fidelity` with rungs), a proposal dropped at a rung is
+    told to the algorithm with its loss scaled to full fidelity (`fidelity.full_estimate`),
+    and a logged screen that the promotion rule passes is not a finished evaluation: it
+    becomes a trial again, which scores only the windows it lacks.
     """
 
     def __init__(self, algorithm: Searcher, space: SearchSpace, objectives: Mapping[str, str],
-                 run_dir: str, feasible: Callable[[SubnetConfig], bool], budget: int) -> None:
+                 run_dir: str, feasible: Callable[[SubnetConfig], bool], budget: int,
+                 fidelity: Fidelity | None = None) -> None:
         super().__init__(metric=list(objectives), mode=list(objectives.values()))
         self.algorithm = algorithm
         self.space = space
+        self.objectives = dict(objectives)
+        self.fidelity = fidelity
         self.run_dir = run_dir
         self.feasible = feasible
         self.budget = budget
         self.running: dict[str, tuple[str, str | None]] = {}
+        self.references: dict[int, Reference] = {}
         self.asks = 0
         self.skipped = {"known": 0, "running": 0, "infeasible": 0}
         self.log = ResultLog(run_dir)
@@ -201,9 +211,10 @@ class GuardedSearcher(Searcher):
         return True
 
     def spent(self) -> int:
-        """Trials that count against the budget: logged (the dense reference aside) or running."""
-        logged = sum(r.get("trial_id") != DENSE_TRIAL for r in self.log.known(refresh=False).values())
-        return logged + len(self.running)
+        """Configs that count against the budget: logged (the dense reference aside) or running."""
+        known = self.log.known(refresh=False)
+        logged = {h for h, r in known.items() if r.get("trial_id") != DENSE_TRIAL}
+        return len(logged | {h for h, _ in self.running.values()})
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self.spent() >= self.budget:
@@ -216,6 +227,8 @@ class GuardedSearcher(Searcher):
             subnet = self.space.decode(config)
             digest = subnet.config_hash()
             stored = self.log.lookup(digest, refresh=False)
+            if stored is not None and self._unfinished_promotion(stored):
+                stored = None
             if stored is not None or digest in running_hashes or not self.feasible(subnet):
                 self._refuse(inner_id, stored, digest in running_hashes)
                 continue
@@ -234,19 +247,39 @@ class GuardedSearcher(Searcher):
         self.skipped[reason] += 1
         self._tell(inner_id, stored)
 
+    def _unfinished_promotion(self, row: dict[str, Any]) -> bool:
+        """Whether a config's row is a multi-fidelity screen that the rule promotes: a stop
+        came between its screen and the rest of its windows, so it is not done. (Fronts only
+        improve, so a screen the rule drops now was dropped when it was made.)"""
+        fidelity = self.fidelity
+        if fidelity is None or fidelity.windows_of(row) >= fidelity.windows:
+            return False
+        return promote(row, self._reference(fidelity.windows_of(row)), self.objectives,
+                       fidelity.margin)
+
+    def _reference(self, rung: int) -> Reference:
+        """The reference at a rung from the log, kept until the next trial completes."""
+        if rung not in self.references:
+            self.references[rung] = reference(self.log.read(), rung, self.objectives)
+        return self.references[rung]
+
     def _tell(self, inner_id: str, result: dict | None) -> None:
         ok = bool(result) and result.get("status") == "ok"
+        fidelity = self.fidelity
+        if ok and fidelity is not None and fidelity.windows_of(result) < fidelity.windows:
+            result = full_estimate(result, self._reference(fidelity.windows_of(result)))
         self.algorithm.on_trial_complete(inner_id, result=result if ok else None, error=not ok)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         digest, inner_id = self.running.pop(trial_id, (None, None))
+        self.references.clear()
         if digest is not None and result and not error:
             self.log.remember({**result, "config_hash": digest})
         if inner_id is not None:
             self._tell(inner_id, None if error else result)
 
     def save(self, checkpoint_path: str) -> None:
-        state = {k: v for k, v in self.__dict__.items() if k != "log"}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("log", "references")}
         with open(checkpoint_path, "wb") as f:
             pickle.dump(state, f)
 
@@ -255,3 +288,4 @@ class GuardedSearcher(Searcher):
             self.__dict__.update(pickle.load(f))
         self.log = ResultLog(self.run_dir)
         self.log.known()
+        self.references = {}

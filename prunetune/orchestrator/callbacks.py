@@ -12,7 +12,9 @@ from typing import Any
 from ray import tune
 
 from prunetune.orchestrator.console import console
-from prunetune.orchestrator.pareto import hypervolume, objective_matrix, pareto_front, plot_front, write_front
+from prunetune.orchestrator.pareto import (
+    full_fidelity, hypervolume, objective_matrix, pareto_front, plot_front, write_front,
+)
 from prunetune.orchestrator.results import ONESHOT, RECOVERED, ResultLog
 from prunetune.orchestrator.run_record import FRONT_FILE, PLOT_FILE
 
@@ -76,12 +78,12 @@ def write_front_files(run_dir: str, objectives: dict[str, str], dense_hash: str 
                       log: ResultLog | None = None) -> dict[str, Any]:
     """front.parquet and front.png of a run, from its result log.
 
-    The front is the search's: one-shot rows only. front.png also draws the front of the
-    recovered rows, when `prunetune recover --front` has logged any.
+    The front is the search's: one-shot rows of full fidelity only. front.png also draws
+    the front of the recovered rows, when `prunetune recover --front` has logged any.
     """
     log = log or ResultLog(run_dir)
     df = log.read(stage=ONESHOT)
-    ok = df[df["status"] == "ok"] if len(df) else df
+    ok = df[(df["status"] == "ok").to_numpy(dtype=bool) & full_fidelity(df)] if len(df) else df
     if len(ok) == 0:
         return {"front_size": 0, "hypervolume": 0.0, "rows": len(df)}
     front = pareto_front(df, objectives)

@@ -1,7 +1,8 @@
 """The Pareto aggregator: which evaluated sub-networks are worth keeping.
 
 Any number of objectives, each minimised or maximised, taken from result-log columns.
-Only finished trials with status "ok" and a value for every objective take part. The
+Only finished trials with status "ok", scored at full fidelity (not the first-window
+screens of a multi-fidelity search) and with a value for every objective take part. The
 front is recomputed from the whole log (the log is the truth; the front is a view), fronts
 of several runs merge into one, and `front.parquet` carries the result-log columns plus
 `rank` and `crowding`.
@@ -135,12 +136,28 @@ def hypervolume(F: np.ndarray, ref: Iterable[float]) -> float:
     return float(moocore.hypervolume(F, ref=ref))
 
 
+def full_fidelity(df: pd.DataFrame) -> np.ndarray:
+    """Which rows are full evaluations, not multi-fidelity screens on the first windows.
+
+    A row's `fidelity` is the number of windows it was scored on; the full fidelity of a
+    run is the largest in its rows (its dense model is always scored on every window). A
+    row without one (a log written before multi-fidelity) is a full evaluation.
+    """
+    if "fidelity" not in df.columns:
+        return np.ones(len(df), dtype=bool)
+    fidelity = pd.to_numeric(df["fidelity"]).astype(float)
+    runs = df["run_id"] if "run_id" in df.columns else pd.Series(0, index=df.index)
+    full = fidelity.groupby(runs.to_numpy(), dropna=False).transform("max")
+    return (fidelity.isna() | (fidelity >= full)).to_numpy(dtype=bool)
+
+
 def _rankable(df: pd.DataFrame, objectives: Mapping[str, str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """The ok rows with every objective present, and their objective matrix."""
+    """The ok full-fidelity rows with every objective present, and their objective matrix."""
     if "status" not in df.columns:
         raise ValueError("result rows have no 'status' column; pass result-log rows")
     F = objective_matrix(df, objectives)
-    keep = (df["status"] == "ok").to_numpy(dtype=bool) & ~np.isnan(F).any(axis=1)
+    keep = ((df["status"] == "ok").to_numpy(dtype=bool) & full_fidelity(df)
+            & ~np.isnan(F).any(axis=1))
     return df.loc[keep].drop(columns=["rank", "crowding"], errors="ignore"), F[keep]
 
 

@@ -16,6 +16,7 @@ import ray
 
 from prunetune.evaluators.evaluator import Evaluator
 from prunetune.evaluators.settings import EvaluatorSettings
+from prunetune.orchestrator.fidelity import Reference, reference
 from prunetune.orchestrator.results import ResultLog
 from prunetune.orchestrator.spec import Spec
 
@@ -93,6 +94,11 @@ class EvaluatorPool:
     def record(self, row: dict[str, Any]) -> None:
         """Append a finished trial's row to the log (atomically)."""
         self.log.append([row])
+
+    def reference(self, rung: int, objectives: dict[str, str]) -> Reference:
+        """What a multi-fidelity trial compares its rung row with: the full-fidelity rows
+        logged so far, with their rows at that rung."""
+        return reference(self.log.read(), rung, objectives)
 
 
 def evaluator_class_for(spec: Spec) -> type:

@@ -70,6 +70,8 @@ _COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("finished_at", _TIMESTAMP, "evaluation end, UTC"),
     ("eval_seconds", pa.float64(), "finished_at - started_at in seconds"),
     ("versions", pa.string(), "JSON of the prunetune, torch, transformers and ray versions"),
+    ("fidelity", pa.int64(), "evaluation windows the perplexity was scored on: all of the run's "
+     "for a full evaluation, the first few for a multi-fidelity screen; null in older logs (full)"),
 )
 FIXED_COLUMNS = tuple(name for name, _, _ in _COLUMNS)
 SCHEMA_DESCRIPTION = "\n".join(
@@ -169,14 +171,16 @@ def make_row(
     started_at: datetime,
     finished_at: datetime,
     seq_len: int,
+    fidelity: int | None = None,
     stage: str = ONESHOT,
     trained_tokens: int | None = None,
 ) -> dict[str, Any]:
     """One result-log row: the trial, its architecture and exact cost, and its metrics.
 
     Timestamps must carry a time zone (they are stored in UTC); `error` is None exactly
-    when `status` is "ok"; metric names must not collide with the fixed columns; a
-    `recovered` row names the tokens it was distilled on, a `oneshot` row none.
+    when `status` is "ok"; metric names must not collide with the fixed columns.
+    `fidelity` is the number of evaluation windows the metrics cover; a `recovered` row
+    names the tokens it was distilled on, a `oneshot` row none.
     """
     _check_status(status, error, where="make_row")
     _check_stage(stage, trained_tokens, where="make_row")
@@ -205,6 +209,7 @@ def make_row(
         "finished_at": finished_at.astimezone(timezone.utc),
         "eval_seconds": (finished_at - started_at).total_seconds(),
         "versions": library_versions(),
+        "fidelity": fidelity,
     }
     row.update({name: None if value is None else float(value) for name, value in metrics.items()})
     return row
@@ -320,7 +325,8 @@ class ResultLog:
     def lookup(self, config_hash: str, refresh: bool = True) -> dict[str, Any] | None:
         """The stored one-shot row of a config, so a cached trial reports the same metrics.
 
-        Prefers an ok row, then the latest finished one. Metrics the row's run did not
+        Prefers an ok row, then the one of most windows (a full evaluation over a
+        multi-fidelity screen), then the latest finished one. Metrics the row's run did not
         measure are left out; a measured NaN is kept. `refresh=False` answers from the rows
         this log has read or written so far, without listing the folder again (for the
         single writer of a run, which knows every row).
@@ -356,9 +362,12 @@ def _with_stage(table: pa.Table) -> pa.Table:
     return table.set_column(index, "stage", pc.fill_null(table.column(index), ONESHOT))
 
 
-def _preference(row: Mapping[str, Any]) -> tuple[bool, datetime]:
-    """Which of two rows of a config a lookup answers with: ok first, then the latest."""
-    return row.get("status") == "ok", row.get("finished_at") or _EPOCH
+def _preference(row: Mapping[str, Any]) -> tuple[bool, float, datetime]:
+    """Which of two rows of a config a lookup answers with: ok first, then the most
+    windows (no `fidelity`: an older log's full evaluation), then the latest."""
+    fidelity = row.get("fidelity")
+    return (row.get("status") == "ok", math.inf if fidelity is None else fidelity,
+            row.get("finished_at") or _EPOCH)
 
 
 def _check_row(index: int, row: Mapping[str, Any]) -> None:

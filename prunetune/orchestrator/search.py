@@ -22,6 +22,7 @@ from prunetune.cluster.connect import code_runtime_env, connect, storage_uri
 from prunetune.orchestrator.algorithms import GuardedSearcher, make_algorithm
 from prunetune.orchestrator.callbacks import FrontCallback, write_front_files
 from prunetune.orchestrator.console import say
+from prunetune.orchestrator.fidelity import Fidelity
 from prunetune.orchestrator.pool import HEAD, NAMESPACE, evaluator_class_for, start_pool
 from prunetune.orchestrator.results import DENSE_TRIAL
 from prunetune.orchestrator.run_record import (
@@ -82,8 +83,16 @@ def build_space(spec: Spec, model_config: dict[str, Any], layer_order: list[int]
 
 
 def _dense_row(context: TrialContext) -> dict[str, Any]:
+    """The dense model's row, scored on every window (and logged at every rung, which the
+    screens of the first proposals compare with)."""
     dense = SubnetConfig.dense(context.model_config)
-    return evaluate_subnet(context, dense, DENSE_TRIAL)
+    return evaluate_subnet(context, dense, DENSE_TRIAL, always_promote=True)
+
+
+def spec_fidelity(spec: Spec) -> Fidelity:
+    """The fidelities the spec's evaluation scores sub-networks at."""
+    e = spec.evaluation
+    return Fidelity(windows=e.windows, rungs=tuple(e.fidelity.rungs), margin=e.fidelity.margin)
 
 
 def run_search(spec: Spec, evaluator_class: type | None = None, resume: bool = False,
@@ -106,7 +115,8 @@ def run_search(spec: Spec, evaluator_class: type | None = None, resume: bool = F
     model_config = infos[0]["model_config"]
     say(f"loaded in {max(i['load_seconds'] for i in infos):.0f} s; evaluating the dense model...")
     context = TrialContext(run_id, run_dir, pool_name, NAMESPACE, model_config,
-                           spec.metrics_needed(), spec.evaluation.seq_len)
+                           spec.metrics_needed(), spec.evaluation.seq_len, dict(spec.objectives),
+                           spec_fidelity(spec))
     dense = _dense_row(context)
     layer_order = infos[0].get("layer_order")
     write_run_record(run_dir, {"run_id": run_id, "model_config": model_config,
@@ -160,7 +170,7 @@ def _new_tuner(spec: Spec, space: SearchSpace, objectives: dict[str, str], run_d
                            {k: v for k, v in dense.items() if isinstance(v, (int, float))},
                            spec.evaluation.seq_len, 2)
     searcher = GuardedSearcher(algorithm, space, objectives, run_dir, feasible,
-                               spec.algorithm.num_samples)
+                               spec.algorithm.num_samples, spec_fidelity(spec))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=spec.algorithm.num_samples,

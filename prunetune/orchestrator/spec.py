@@ -27,7 +27,8 @@ from prunetune.evaluators.settings import (
     DEFAULTS, HARNESS_PREFIX, LATENCY_MODES, EvaluatorSettings, LatencySettings, task_name,
 )
 from prunetune.metrics import (
-    ACCURACY_AVERAGE, COST_METRICS, LATENCY_METRICS, MEMORY_METRIC, PERPLEXITY_METRICS, task_of,
+    ACCURACY_AVERAGE, COST_METRICS, LATENCY_METRICS, MEMORY_METRIC, PERPLEXITY_METRICS,
+    SCREENED_METRICS, task_of, wants_accuracy,
 )
 from prunetune.search_spaces.spaces import preset_bounds
 
@@ -158,9 +159,14 @@ class SearchSpaceSpec(_Section):
 
 
 class AlgorithmSpec(_Section):
-    """Which search algorithm proposes sub-networks, and how many."""
+    """Which search algorithm proposes sub-networks, and how many.
 
-    name: Literal["random", "nsga2", "nsga3", "tpe", "gp", "local"] = "random"
+    TPE is the default: in searches replayed on SmolLM2-135M (benchmarks/README.md), with
+    multi-fidelity evaluation it reaches the hypervolume of random search's whole budget in
+    42% of that budget's window-evaluations, the fewest of the six (65% without).
+    """
+
+    name: Literal["random", "nsga2", "nsga3", "tpe", "gp", "local"] = "tpe"
     num_samples: int = Field(40, ge=1)
     seed: int = 0
     population_size: int = Field(16, ge=2)
@@ -179,6 +185,28 @@ class LatencySpec(_Section):
     mode: Literal[LATENCY_MODES] = _LATENCY.mode
 
 
+class FidelitySpec(_Section):
+    """Multi-fidelity evaluation: the window counts a proposal is screened at first.
+
+    No rungs (the default): every proposal is scored on every window. With rungs, a proposal
+    is scored on the first `rungs[0]` windows and goes on to the next rung, and at last to
+    all windows, only while no sub-network scored there, at least as good in every other
+    objective, beats it on those same windows by more than `margin` (relative, in mean
+    loss). Off by default: a rung is a number of windows, and the figures that support it
+    (`rungs: [2]` of `windows: 32` of 512 tokens, margin 0.02; benchmarks/README.md) are
+    not those of the default evaluation (8 windows of 256 tokens).
+    """
+
+    rungs: list[Annotated[int, Field(ge=1)]] = []
+    margin: float = Field(0.02, ge=0)
+
+    @model_validator(mode="after")
+    def _rungs_ascend(self) -> "FidelitySpec":
+        if self.rungs != sorted(set(self.rungs)):
+            raise _field_error("rungs", f"must ascend without repeats, got {self.rungs}")
+        return self
+
+
 class EvaluationSpec(_Section):
     """How one sub-network is measured, and the calibration data of importance scores."""
 
@@ -193,6 +221,14 @@ class EvaluationSpec(_Section):
     mode: Literal["extracted", "masked"] = DEFAULTS.mode
     importance: Literal["activation", "magnitude", "none"] = DEFAULTS.importance
     latency: LatencySpec = LatencySpec()
+    fidelity: FidelitySpec = FidelitySpec()
+
+    @model_validator(mode="after")
+    def _rungs_below_windows(self) -> "EvaluationSpec":
+        if self.fidelity.rungs and self.fidelity.rungs[-1] >= self.windows:
+            raise _field_error("fidelity.rungs", f"each rung must be fewer windows than "
+                               f"windows = {self.windows}, got {self.fidelity.rungs}")
+        return self
 
     @model_validator(mode="after")
     def _task_names_are_distinct(self) -> "EvaluationSpec":
@@ -282,6 +318,20 @@ class Spec(_Section):
             reason = self.evaluation.missing_producer(constraint.metric)
             if reason:
                 raise _field_error(f"constraints[{i}]", f"{constraint.metric} {reason}")
+        return self
+
+    @model_validator(mode="after")
+    def _fidelity_screens_perplexity(self) -> "Spec":
+        if not self.evaluation.fidelity.rungs:
+            return self
+        if not set(self.objectives) & set(SCREENED_METRICS):
+            raise _field_error("evaluation.fidelity.rungs", "multi-fidelity evaluation screens "
+                               "by perplexity: name perplexity or nll among the objectives")
+        for metric in self.metrics_needed():
+            if wants_accuracy([metric]):
+                raise _field_error("evaluation.fidelity.rungs", f"{metric} is measured on "
+                                   "tasks, not windows: multi-fidelity evaluation would measure "
+                                   "it at every rung; leave the rungs out")
         return self
 
     @model_validator(mode="after")
@@ -388,7 +438,7 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> Spec:
 
 DEFAULT_SEARCH: dict[str, Any] = {
     "constraints": ["params >= 0.65 * dense"],
-    "algorithm": {"num_samples": 20},
+    "algorithm": {"name": "random", "num_samples": 20},
 }
 """What `prunetune search` without a spec sets beyond the field defaults.
 
@@ -398,7 +448,8 @@ the built-in search looks above that; 20 of those larger sub-networks take less 
 than the 40 mostly small ones it drew without the bound (241 s against 290 s from an
 empty cache, on the same 2 busy CPU cores). A spec file starts from the field defaults
 alone, which bound nothing: the constraint would silently narrow every search that names
-none.
+none. It proposes at random, as when those figures were measured: with 20 proposals and a
+population of 16, a model-based proposer would be random for all but 4 of them.
 """
 
 

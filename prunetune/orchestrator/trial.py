@@ -3,7 +3,8 @@
 A trial is a light CPU task. It writes its row to the result log before it reports to
 Tune: that is what makes a stop at any moment safe. A trial that finished is in the log,
 and a trial that is run again after a resume finds its row there and reports it without
-evaluating again.
+evaluating again. With multi-fidelity evaluation a trial has a row per stage (the first
+windows, then all of them if it is promoted); a trial run again goes on from its last.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ray
 from ray import tune
 
 from prunetune.evaluators.contract import EvaluatorBroken
+from prunetune.orchestrator.fidelity import Fidelity, Reference, Span, evaluate_in_rungs
 from prunetune.orchestrator.results import FIXED_COLUMNS, make_row
 from prunetune.orchestrator.spec import Constraint
 from prunetune.search_spaces.cost import subnet_cost
@@ -41,7 +43,8 @@ class Feasibility:
 
 @dataclass
 class TrialContext:
-    """What every trial needs besides its config: where to log, what to measure."""
+    """What every trial needs besides its config: where to log, what to measure, and the
+    fidelities to measure it at."""
 
     run_id: str
     run_dir: str
@@ -50,6 +53,8 @@ class TrialContext:
     model_config: dict[str, Any]
     metrics: list[str]
     seq_len: int
+    objectives: dict[str, str]
+    fidelity: Fidelity
 
 
 def metric_columns(result: dict[str, Any]) -> dict[str, float | None]:
@@ -67,38 +72,64 @@ def _report_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def evaluate_subnet(context: TrialContext, subnet: SubnetConfig, trial_id: str) -> dict[str, Any]:
-    """Evaluate one sub-network on a borrowed evaluator and append its row to the log.
+@dataclass
+class EvaluatorHost:
+    """A trial's stages on the run's evaluators (`fidelity.RungHost`): each stage borrows
+    a free evaluator, and the pool logs its row and answers with the rows to compare with."""
 
-    An evaluator that died, or a group that lost a rank, is replaced and the trial fails
-    (Tune retries it on another evaluator) instead of logging a result that says nothing
-    about the sub-network.
-    """
+    context: TrialContext
+    subnet: SubnetConfig
+    trial_id: str
+    pool: Any
+
+    def measure(self, span: Span) -> dict[str, Any]:
+        """The metrics of the sub-network on the windows of `span`, from a borrowed evaluator.
+
+        An evaluator that died, or a group that lost a rank, is replaced and the trial
+        fails (Tune retries it on another evaluator) instead of logging a result that says
+        nothing about the sub-network.
+        """
+        index, handle, node = ray.get(self.pool.acquire.remote())
+        started = datetime.now(timezone.utc)
+        full = span == (0, self.context.fidelity.windows)
+        try:
+            result = ray.get(handle.evaluate.remote(self.subnet.to_json(), self.context.metrics,
+                                                    None if full else span))
+            if result.get("evaluator_broken"):
+                raise EvaluatorBroken(f"{result.get('evaluator_id')}: {result['error']}")
+        except (ray.exceptions.RayActorError, EvaluatorBroken):
+            ray.get(self.pool.replace.remote(index, handle))
+            raise
+        finally:
+            self.pool.release.remote(index)
+        return {**result, "evaluator_id": f"{result.get('evaluator_id')}@{node[:12]}",
+                "started_at": started, "finished_at": datetime.now(timezone.utc)}
+
+    def reference(self, rung: int) -> Reference:
+        return ray.get(self.pool.reference.remote(rung, self.context.objectives))
+
+    def record(self, result: dict[str, Any], windows: int) -> dict[str, Any]:
+        c = self.context
+        row = make_row(c.run_id, self.trial_id, self.subnet, c.model_config, metric_columns(result),
+                       result["status"], result.get("error"), result["evaluator_id"],
+                       result["started_at"], result["finished_at"], c.seq_len, windows)
+        ray.get(self.pool.record.remote(row))
+        return row
+
+
+def evaluate_subnet(context: TrialContext, subnet: SubnetConfig, trial_id: str,
+                    always_promote: bool = False) -> dict[str, Any]:
+    """Evaluate one sub-network, rung by rung (`fidelity.evaluate_in_rungs`), appending a
+    row to the log at every stage; its last row. A sub-network the log already holds in
+    full is not evaluated again; one it holds at a rung goes on from there."""
     pool = ray.get_actor(context.pool_name, namespace=context.namespace)
     stored = ray.get(pool.lookup.remote(subnet.config_hash()))
-    if stored is not None:
-        return stored
-    index, handle, node = ray.get(pool.acquire.remote())
-    started = datetime.now(timezone.utc)
-    try:
-        result = ray.get(handle.evaluate.remote(subnet.to_json(), context.metrics))
-        if result.get("evaluator_broken"):
-            raise EvaluatorBroken(f"{result.get('evaluator_id')}: {result['error']}")
-    except (ray.exceptions.RayActorError, EvaluatorBroken):
-        ray.get(pool.replace.remote(index, handle))
-        raise
-    finally:
-        pool.release.remote(index)
-    finished = datetime.now(timezone.utc)
-    row = make_row(context.run_id, trial_id, subnet, context.model_config, metric_columns(result),
-                   result["status"], result.get("error"), f"{result.get('evaluator_id')}@{node[:12]}",
-                   started, finished, context.seq_len)
-    ray.get(pool.record.remote(row))
-    return row
+    host = EvaluatorHost(context, subnet, trial_id, pool)
+    return evaluate_in_rungs(context.fidelity, context.objectives, host, stored, always_promote)
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """The Tune trainable: one sub-network, one evaluation, one row."""
+    """The Tune trainable: one sub-network, its evaluation, its rows."""
     subnet = SubnetConfig.from_json(config["subnet"])
     row = evaluate_subnet(context, subnet, tune.get_context().get_trial_id())
     tune.report(_report_row(row))

@@ -161,7 +161,8 @@ class ShardedEvaluatorGroup(EvaluatorBase):
     def model_config(self) -> Any:
         return self.config
 
-    def measure(self, subnet: SubnetConfig, metrics: set[str]) -> dict[str, Any]:
+    def measure(self, subnet: SubnetConfig, metrics: set[str],
+                span: tuple[int, int] | None = None) -> dict[str, Any]:
         """Cost here; perplexity and latency from the ranks. A rank that dies, hangs past
         `timeout_s` or fails in a collective breaks the group for good."""
         if self.broken:
@@ -173,7 +174,7 @@ class ShardedEvaluatorGroup(EvaluatorBase):
         out: dict[str, Any] = dict(subnet_cost(self.config, subnet, self.settings.seq_len,
                                                self.dtype_bytes, self.settings.batch_size))
         if wants_perplexity(metrics) or wants_latency(metrics):
-            answers = self._gather([r.evaluate.remote(subnet.to_json(), sorted(metrics))
+            answers = self._gather([r.evaluate.remote(subnet.to_json(), sorted(metrics), span)
                                     for r in self.ranks], self.sharding.timeout_s)
             out.update(answers[0]["metrics"])
             if answers[0]["error"]:

@@ -19,7 +19,7 @@ from torch import nn
 from prunetune.evaluators.contract import DTYPES, release_memory
 from prunetune.evaluators.data import token_windows
 from prunetune.evaluators.latency import LatencyCache, latency_cache_file, subnet_latency
-from prunetune.evaluators.perplexity import perplexity_metrics
+from prunetune.evaluators.perplexity import perplexity_metrics, window_span, window_tokens
 from prunetune.evaluators.settings import EvaluatorSettings, ShardingSettings
 from prunetune.evaluators.sharded.autotp import AutoTPHolding
 from prunetune.evaluators.sharded.holding import Holding, RankContext
@@ -99,8 +99,10 @@ class ShardRank:
             held += p.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0)
         return {"held_elements": held}
 
-    def evaluate(self, subnet_json: str, metrics: list[str]) -> dict[str, Any]:
-        """This rank's part of one evaluation: `{"metrics": ..., "error": ...}`.
+    def evaluate(self, subnet_json: str, metrics: list[str],
+                 span: tuple[int, int] | None = None) -> dict[str, Any]:
+        """This rank's part of one evaluation, perplexity on the windows of `span` (all for
+        None): `{"metrics": ..., "error": ...}`.
 
         An exception raised here means the ranks may be out of step, and breaks the group;
         a failure outside the collective part (latency, on rank 0) is an `error` only.
@@ -110,7 +112,8 @@ class ShardRank:
         try:
             if wants_perplexity(metrics):
                 with self._masked(subnet):
-                    out.update(perplexity_metrics(self._nll_sum(), self.windows))
+                    windows = window_span(self.windows, span)
+                    out.update(perplexity_metrics(self._nll_sum(windows), window_tokens(windows)))
         finally:
             release_memory(self.device)
         if self.rank != 0 or not wants_latency(metrics):
@@ -131,14 +134,14 @@ class ShardRank:
         return self.holding.masked(subnet)
 
     @torch.no_grad()
-    def _nll_sum(self) -> float:
-        """The loss sum over all windows.
+    def _nll_sum(self, windows: torch.Tensor) -> float:
+        """The loss sum over `windows`.
 
         Every rank runs the same number of batches: a rank whose share is used up scores
         a placeholder window and drops it, because each forward pass may be collective.
         """
         batch_size = self.settings.batch_size
-        share, steps = self.holding.share(self.windows, batch_size)
+        share, steps = self.holding.share(windows, batch_size)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for step in range(steps):
             batch = share[step * batch_size:(step + 1) * batch_size]
