@@ -138,9 +138,11 @@ def test_a_recovered_subnetwork_beats_its_one_shot_perplexity() -> None:
     assert dense < recovered < one_shot - 0.5 * (one_shot - dense)
 
 
-def trained_teacher(train: torch.Tensor, steps: int = 80) -> torch.nn.Module:
-    """A tiny dense model trained on text, so that its sub-networks lose something real."""
-    model = random_model(tiny_config(), seed=1).train()
+def trained_teacher(train: torch.Tensor, steps: int = 80,
+                    config: object | None = None) -> torch.nn.Module:
+    """A tiny dense model (of `config`, default `tiny_config()`) trained on text, so that
+    its sub-networks lose something real."""
+    model = random_model(config or tiny_config(), seed=1).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):

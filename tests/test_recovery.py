@@ -12,8 +12,7 @@ import ray
 import torch
 
 from prunetune.evaluators.evaluator import Evaluator
-from prunetune.evaluators.model import random_model, tiny_config
-from prunetune.evaluators.perplexity import nll_sum
+from prunetune.evaluators.model import tiny_config
 from prunetune.orchestrator.cli import main
 from prunetune.orchestrator.results import ONESHOT, RECOVERED, ResultLog, make_row
 from prunetune.orchestrator.run_record import write_run_record, write_run_spec
@@ -22,6 +21,7 @@ from prunetune.orchestrator.trial import metric_columns
 from prunetune.search_spaces.subnet import SubnetConfig
 from prunetune.training.data import training_windows
 from prunetune.training.settings import DistillSettings
+from test_distill import trained_teacher
 
 SEQ = 32
 TOKENS = 16 * 1024
@@ -45,15 +45,7 @@ def trained_model(tokenizer: object, steps: int = 80) -> torch.nn.Module:
     """A tiny Llama trained a little on the shipped corpus, so that pruning it loses something
     real and distillation wins some back."""
     text = training_windows(tokenizer, "gutenberg", SEQ)
-    model = random_model(tiny_config(num_hidden_layers=4), seed=1).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        ids = text[torch.randint(0, len(text), (16,), generator=generator)]
-        (nll_sum(model, ids) / ids[:, 1:].numel()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
+    return trained_teacher(text, steps, tiny_config(num_hidden_layers=4))
 
 
 def uniform(config: object, ratio: float) -> SubnetConfig:
