@@ -130,8 +130,11 @@ def test_recover_on_two_workers_exports_the_distilled_point(tiny_run, tmp_path, 
     front = pd.read_parquet(tiny_run / "run" / "front.parquet")
     pick = len(front) - 1
     out = tmp_path / "recovered"
-    assert main(["recover", str(tiny_run / "run"), "--pick", str(pick), "--out", str(out),
-                 "--tokens", "1024", "--seq-len", "32", "--workers", "2"]) == 0
+    try:
+        assert main(["recover", str(tiny_run / "run"), "--pick", str(pick), "--out", str(out),
+                     "--tokens", "1024", "--seq-len", "32", "--workers", "2"]) == 0
+    finally:
+        ray.shutdown()
     assert "distilled on 1,024 tokens of gutenberg by 2 workers" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == front.iloc[pick]["params"]
