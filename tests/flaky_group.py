@@ -19,7 +19,8 @@ class FlakyGroup(ShardedEvaluatorGroup):
     def __init__(self, settings: EvaluatorSettings, evaluator_id: str = "evaluator-0") -> None:
         super().__init__(settings, evaluator_id, ShardingSettings(2, "zero3", timeout_s=60))
 
-    def evaluate(self, subnet: Any, metrics: list[str]) -> dict[str, Any]:
+    def evaluate(self, subnet: Any, metrics: list[str],
+                 span: tuple[int, int] | None = None) -> dict[str, Any]:
         if self.evaluator_id == "evaluator-0" and self.calls == BREAK_AT_CALL - 1:
             ray.kill(self.ranks[1])
-        return super().evaluate(subnet, metrics)
+        return super().evaluate(subnet, metrics, span)
