@@ -245,22 +245,23 @@ def _permute_heads(layer: nn.Module, a: Adapter, d: ModelDims, heads: torch.Tens
                    groups: torch.Tensor) -> None:
     attn = layer.get_submodule(a.attn)
     q_rows, kv_rows = _expand(heads, d.head_dim), _expand(groups, d.head_dim)
-    for name, rows in ((a.q, q_rows), (a.k, kv_rows), (a.v, kv_rows)):
-        proj = attn.get_submodule(name)
-        reorder_(proj.weight, rows, 0)
-        if proj.bias is not None:
-            reorder_(proj.bias, rows, 0)
+    _reorder_outputs(attn, ((a.q, q_rows), (a.k, kv_rows), (a.v, kv_rows)))
     reorder_(attn.get_submodule(a.o).weight, q_rows, 1)
 
 
 def _permute_neurons(layer: nn.Module, a: Adapter, neurons: torch.Tensor) -> None:
     mlp = layer.get_submodule(a.mlp)
-    for name in (a.gate, a.up):
-        proj = mlp.get_submodule(name)
-        reorder_(proj.weight, neurons, 0)
-        if proj.bias is not None:
-            reorder_(proj.bias, neurons, 0)
+    _reorder_outputs(mlp, ((a.gate, neurons), (a.up, neurons)))
     reorder_(mlp.get_submodule(a.down).weight, neurons, 1)
+
+
+def _reorder_outputs(parent: nn.Module, rows_of: tuple[tuple[str, torch.Tensor], ...]) -> None:
+    """Reorder the output rows (weight and bias) of `parent`'s named projections."""
+    for name, rows in rows_of:
+        proj = parent.get_submodule(name)
+        reorder_(proj.weight, rows, 0)
+        if proj.bias is not None:
+            reorder_(proj.bias, rows, 0)
 
 
 def _permute_layer_channels(layer: nn.Module, a: Adapter, channels: torch.Tensor) -> None:
