@@ -1,0 +1,71 @@
+"""Super-network training: the sandwich rule's sub-networks, and one step's gradients."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from prunetune.evaluators.model import random_model, tiny_config
+from prunetune.evaluators.perplexity import nll_sum, random_windows
+from prunetune.evaluators.surgery import apply_masks
+from prunetune.search_spaces.spaces import make_space
+from prunetune.search_spaces.subnet import SubnetConfig
+from prunetune.training.supernet import largest_and_smallest, sandwich, supernet_step
+
+
+def model_and_space():
+    model = random_model(tiny_config(initializer_range=0.2), seed=1)
+    return model, make_space("uniform", model.config, min_ratio=0.5)
+
+
+def test_every_step_trains_the_largest_and_the_smallest() -> None:
+    model, space = model_and_space()
+    largest, smallest = largest_and_smallest(space)
+    assert largest == SubnetConfig.dense(model.config)
+    rng = random.Random(0)
+    for _ in range(3):
+        subnets = sandwich(space, rng, random_count=2)
+        assert subnets[:2] == [largest, smallest] and len(subnets) == 4
+    assert smallest.mlp[0] < largest.mlp[0] and smallest.num_layers <= largest.num_layers
+
+
+def test_a_step_reaches_only_the_weights_its_sub_networks_keep() -> None:
+    model = random_model(tiny_config(initializer_range=0.2), seed=1)
+    a = SubnetConfig(layers=(0, 2), kv_heads=(1, 1), q_per_kv=(3, 3), mlp=(32, 32), embed=48)
+    b = SubnetConfig(layers=(0,), kv_heads=(1,), q_per_kv=(3,), mlp=(16,), embed=48)
+    model.zero_grad()
+    supernet_step(model, [a, b], random_windows(96, 4, 32), top_k=8)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    layer1 = [n for n in grads if ".layers.1." in n]
+    assert layer1 and all(grads[n] is None or not grads[n].any() for n in layer1)
+    up = grads["model.layers.0.mlp.up_proj.weight"]
+    assert up[:32].abs().sum(1).gt(0).all() and not up[32:].any()
+    k = grads["model.layers.2.self_attn.k_proj.weight"]
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert k[:head_dim].any() and not k[head_dim:].any()
+
+
+def test_training_the_super_network_lowers_the_loss_of_random_sub_networks() -> None:
+    torch.manual_seed(0)
+    model, space = model_and_space()
+    train, held_out = random_windows(96, 64, 32), random_windows(96, 8, 32, seed=1)
+    probes = [space.sample(random.Random(i)) for i in range(10)]
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            losses = []
+            for subnet in probes:
+                with apply_masks(model, subnet) as masked:
+                    losses.append(nll_sum(masked, held_out).item() / held_out[:, 1:].numel())
+        return sum(losses) / len(losses)
+
+    before = mean_loss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    for step in range(30):
+        ids = train[(step * 8) % 64:(step * 8) % 64 + 8]
+        supernet_step(model, sandwich(space, rng, random_count=2), ids, top_k=16)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert mean_loss() < before - 0.1
