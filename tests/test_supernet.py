@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
+import pytest
 import torch
 
 from prunetune.evaluators.model import random_model, tiny_config
@@ -11,7 +13,11 @@ from prunetune.evaluators.perplexity import nll_sum, random_windows
 from prunetune.evaluators.surgery import apply_masks
 from prunetune.search_spaces.spaces import make_space
 from prunetune.search_spaces.subnet import SubnetConfig
-from prunetune.training.supernet import largest_and_smallest, sandwich, supernet_step
+from prunetune.training import supernet as supernet_module
+from prunetune.training.settings import DistillSettings
+from prunetune.training.supernet import (
+    largest_and_smallest, sandwich, supernet_step, train_supernet,
+)
 
 
 def model_and_space():
@@ -69,3 +75,44 @@ def test_training_the_super_network_lowers_the_loss_of_random_sub_networks() -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     assert mean_loss() < before - 0.1
+
+
+SETTINGS = DistillSettings(tokens=32 * 8 * 6, seq_len=32, micro_batch=4, accumulation=2,
+                           lr=3e-3, warmup=0.1, top_k=16, checkpoint_every=2)
+"""Six optimizer steps of eight windows, two micro-batches each."""
+
+
+class Killed(Exception):
+    """Stands for a kill between two checkpoints."""
+
+
+def test_a_killed_super_network_training_resumes_to_the_uninterrupted_result(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train = random_windows(96, 64, 32)
+    model, space = model_and_space()
+    reference = train_supernet(model, space, train, SETTINGS)
+    assert reference.steps == 6 and reference.losses[-1] < reference.losses[0]
+
+    save = supernet_module.save_checkpoint
+
+    def save_or_die(folder, *args) -> None:
+        if args[-2].step == 4:  # killed before the second checkpoint: steps 3, 4 lost
+            raise Killed
+        save(folder, *args)
+
+    monkeypatch.setattr(supernet_module, "save_checkpoint", save_or_die)
+    with pytest.raises(Killed):
+        train_supernet(*model_and_space(), train, SETTINGS, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(supernet_module, "save_checkpoint", save)
+    resumed_model, space = model_and_space()
+    resumed = train_supernet(resumed_model, space, train, SETTINGS, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+    torch.testing.assert_close(resumed.losses, reference.losses, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_super_network_training_needs_a_top_k() -> None:
+    with pytest.raises(ValueError, match="distill.top_k"):
+        train_supernet(*model_and_space(), random_windows(96, 8, 32),
+                       DistillSettings(tokens=256, seq_len=32))
