@@ -81,7 +81,7 @@ def test_a_bad_spec_fails_before_ray_starts_naming_the_field(tmp_path, capsys) -
 
 
 def test_every_command_has_help() -> None:
-    for command in ("search", "resume", "front", "export", "recover", "plan"):
+    for command in ("search", "resume", "front", "export", "recover", "train-supernet", "plan"):
         out = subprocess.run([sys.executable, "-m", "prunetune.orchestrator.cli", command, "--help"],
                              capture_output=True, text=True, check=True).stdout
         assert out.startswith(f"usage: prunetune {command}")
@@ -139,6 +139,18 @@ def test_recover_on_two_workers_exports_the_distilled_point(tiny_run, tmp_path, 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == front.iloc[pick]["params"]
     assert (out / "tokenizer_config.json").is_file()
+
+
+def test_train_supernet_writes_a_model_a_spec_can_name(tiny_run, tmp_path, capsys) -> None:
+    out = tmp_path / "supernet"
+    assert main(["train-supernet", str(tiny_run / "spec.yaml"), "--out", str(out),
+                 "--tokens", "1024", "--seq-len", "32", "--top-k", "8"]) == 0
+    assert "super-network on 1,024 tokens of gutenberg" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4 and (out / "tokenizer_config.json").is_file()
+    assert any((out / "checkpoint").iterdir())
+    assert main(["train-supernet", str(tiny_run / "spec.yaml"), "--out", str(out),
+                 "--data", "wikitext2"]) == 2
 
 
 def test_recover_refuses_evaluation_text(tiny_run, tmp_path, capsys) -> None:

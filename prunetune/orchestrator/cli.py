@@ -1,4 +1,4 @@
-"""The `prunetune` command: search, resume, front, export, recover, plan."""
+"""The `prunetune` command: search, resume, front, export, recover, train-supernet, plan."""
 
 from __future__ import annotations
 
@@ -82,6 +82,28 @@ def _parser() -> argparse.ArgumentParser:
                          help="with --pick: train on this many GPUs (Ray Train workers, "
                               "DeepSpeed ZeRO-2), the run's Ray cluster or a local one")
     recover.add_argument("--verbose", action="store_true", help=f"with --front: {VERBOSE_HELP}")
+
+    supernet = sub.add_parser(
+        "train-supernet", help="fine-tune the model as a super-network of the spec's space",
+        description="Train the spec's model as a weight-sharing super-network of its search "
+                    "space (sandwich rule: each step trains the largest sub-network on the text "
+                    "and the smallest and random ones to match it), then write it to DIR as a "
+                    "Hugging Face checkpoint that a spec's `model:` can name. Started again, a "
+                    "killed run resumes from DIR/checkpoint/.")
+    supernet.add_argument("spec", help="YAML spec file (model, search space, evaluation)")
+    supernet.add_argument("--out", required=True, help="output directory")
+    supernet.add_argument("--tokens", type=int, default=DISTILL.tokens,
+                          help=f"training tokens (default {DISTILL.tokens:,})")
+    supernet.add_argument("--seq-len", type=int, default=DISTILL.seq_len,
+                          help=f"tokens per training window (default {DISTILL.seq_len})")
+    supernet.add_argument("--random", type=int, default=2,
+                          help="random sub-networks per step besides the largest and smallest "
+                               "(default 2)")
+    supernet.add_argument("--top-k", type=int, default=64,
+                          help="size of the largest sub-network's distribution the others "
+                               "learn (default 64)")
+    supernet.add_argument("--data", default=DEFAULT_TRAINING_TEXT,
+                          help="training text, as for recover (default gutenberg)")
 
     plan = sub.add_parser("plan", help="GPUs per evaluator and evaluators per cluster",
                           description="How many GPUs one evaluator of the spec's model needs, "
@@ -318,6 +340,34 @@ def _recover_front(args: argparse.Namespace, settings: DistillSettings) -> int:
     return 1 if outcome.failed else 0
 
 
+def _train_supernet(args: argparse.Namespace) -> int:
+    from prunetune.evaluators.evaluator import Evaluator
+    from prunetune.orchestrator.search import build_space
+    from prunetune.training.data import refuse_evaluation_data, training_windows
+    from prunetune.training.supernet import train_supernet
+
+    settings = DistillSettings(tokens=args.tokens, seq_len=args.seq_len, top_k=args.top_k)
+    spec = load_spec(args.spec)
+    refuse_evaluation_data(args.data)
+    evaluator = Evaluator(replace(spec.evaluator_settings(), tasks=()), "supernet")
+    if evaluator.tokenizer is None:
+        raise ValueError(f"model {spec.model}: random weights have no tokenizer to read "
+                         "training text with")
+    info = evaluator.info()
+    space = build_space(spec, info["model_config"], info["layer_order"])
+    windows = training_windows(evaluator.tokenizer, args.data, settings.seq_len)
+    out = Path(args.out)
+    model = evaluator.model.float()
+    result = train_supernet(model, space, windows, settings, args.random, out / "checkpoint")
+    model.to(evaluator.dtype).save_pretrained(out)
+    evaluator.tokenizer.save_pretrained(out)
+    print(f"trained the {spec.search_space.preset} space's super-network on {result.tokens:,} "
+          f"tokens of {args.data} in {result.seconds:.0f} s: sandwich loss "
+          f"{result.losses[0]:.4g} -> {result.final_loss:.4g}")
+    print(f"wrote {out}: name it as a spec's model to search it (importance is recomputed)")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from prunetune.cluster.plan import load_config_file, model_config_path, plan_evaluators
 
@@ -337,7 +387,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"search": _search, "resume": _resume, "front": _front, "export": _export,
-            "recover": _recover, "plan": _plan}
+            "recover": _recover, "train-supernet": _train_supernet, "plan": _plan}
 
 
 if __name__ == "__main__":
