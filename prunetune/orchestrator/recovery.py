@@ -27,7 +27,6 @@ from torch import nn
 
 from tqdm import tqdm
 
-from prunetune.cluster.connect import code_runtime_env, connect
 from prunetune.evaluators.evaluator import Evaluator
 from prunetune.evaluators.model import load_tokenizer
 from prunetune.evaluators.settings import EvaluatorSettings
@@ -39,7 +38,7 @@ from prunetune.orchestrator.pareto import merge_fronts
 from prunetune.orchestrator.pool import evaluator_resources
 from prunetune.orchestrator.results import ONESHOT, RECOVERED, ResultLog, make_row
 from prunetune.orchestrator.run_record import read_run_record, run_spec
-from prunetune.orchestrator.search import local_cpus, plan_resources
+from prunetune.orchestrator.search import connect_for, plan_resources
 from prunetune.orchestrator.spec import Spec
 from prunetune.orchestrator.trial import metric_columns
 from prunetune.search_spaces.subnet import SubnetConfig
@@ -138,19 +137,14 @@ def recover_on_workers(run_dir: str, subnet: SubnetConfig, settings: DistillSett
         raise ValueError(f"model {evaluator_settings.model}: random weights have no tokenizer "
                          "to read training text with")
     windows = training_windows(tokenizer, data, settings.seq_len)
-    connect(spec.address, code_runtime_env(spec.ship_code),
-            num_cpus=None if spec.address else local_cpus(spec))
+    connect_for(spec)
     placement = WorkerSettings(workers=workers, storage=str(out / CHECKPOINT_DIR),
                                name="distill", use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
     result = distill_on_workers(partial(dense_and_student, evaluator_settings, subnet), windows,
-                                settings, placement, finish=partial(save_student, subnet, out))
+                                settings, placement,
+                                finish=partial(save_extracted, subnet=subnet, out_dir=out))
     tokenizer.save_pretrained(out)
     return result
-
-
-def save_student(subnet: SubnetConfig, out: Path, student: nn.Module) -> None:
-    """Write a trained student as `prunetune export` writes a sub-network."""
-    save_extracted(student, subnet, out)
 
 
 def recover_point(evaluator_settings: EvaluatorSettings, subnet: SubnetConfig,
@@ -239,8 +233,7 @@ def run_tasks(plan: RecoveryPlan, log: ResultLog) -> dict[str, str]:
     sized as the search's without one), at most one per evaluator of the run at a time, and
     log each finished point; returns the error of every point that failed."""
     spec = plan.spec
-    connect(spec.address, code_runtime_env(spec.ship_code),
-            num_cpus=None if spec.address else local_cpus(spec))
+    connect_for(spec)
     spec = single_device(plan_resources(spec))
     task = ray.remote(recover_point).options(**evaluator_resources(spec),
                                               max_retries=spec.max_failures)

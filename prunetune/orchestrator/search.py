@@ -54,6 +54,13 @@ def local_cpus(spec: Spec) -> int:
     return max(os.cpu_count() or 1, needed)
 
 
+def connect_for(spec: Spec, num_cpus: int | None = None) -> None:
+    """Join the spec's Ray cluster with its code, or start a local instance sized for its
+    evaluators (`num_cpus`, when given, instead)."""
+    connect(spec.address, code_runtime_env(spec.ship_code),
+            num_cpus=num_cpus or (None if spec.address else local_cpus(spec)))
+
+
 def plan_resources(spec: Spec) -> Spec:
     """The spec with `gpus_per_evaluator: auto` replaced by the planner's group size and
     evaluator count for the connected cluster (ZeRO-3 sharding where a group needs several
@@ -106,8 +113,7 @@ def run_search(spec: Spec, evaluator_class: type | None = None, resume: bool = F
     write_run_spec(run_dir, spec)
     record = read_run_record(run_dir)
     run_id = record.get("run_id") or f"{spec.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
-    connect(spec.address, code_runtime_env(spec.ship_code),
-            num_cpus=num_cpus or (None if spec.address else local_cpus(spec)))
+    connect_for(spec, num_cpus)
     spec = plan_resources(spec)
     say(f"loading {spec.model} ({spec.dtype}) on {_evaluators(spec)}...")
     pool, pool_name, infos = start_pool(spec, run_id, run_dir,

@@ -60,7 +60,7 @@ def supernet_step(model: nn.Module, subnets: list[SubnetConfig], ids: torch.Tens
     predicted = ids[:, 1:].numel()
     largest, *others = subnets
     with apply_masks(model, largest) as masked:
-        teacher = teacher_top_k(masked, ids, top_k, batch=len(ids))
+        teacher = teacher_top_k(masked, ids, top_k, batch=len(ids), store=device)
         model.train()
         with autocast(device):
             loss = nll_sum(masked, ids).float() / predicted

@@ -39,17 +39,18 @@ class TeacherTopK:
 
 
 @torch.no_grad()
-def teacher_top_k(teacher: nn.Module, windows: torch.Tensor, k: int,
-                  batch: int = 8) -> TeacherTopK:
+def teacher_top_k(teacher: nn.Module, windows: torch.Tensor, k: int, batch: int = 8,
+                  store: torch.device | str = "cpu") -> TeacherTopK:
     """The teacher's top-`k` logits at every position of `windows` `[n, seq_len]`, computed
     `batch` windows at a time on the teacher's device (bf16 autocast on GPU, as training),
-    its LM head in row chunks of bounded logits."""
+    its LM head in row chunks of bounded logits; kept on `store` (host memory for a cache
+    of many windows, the device for one batch's)."""
     teacher.eval()
     device = model_device(teacher)
     head = teacher.get_output_embeddings()
     n, length = windows.shape
-    values = torch.empty(n, length - 1, k, dtype=torch.bfloat16)
-    indices = torch.empty(n, length - 1, k, dtype=torch.int32)
+    values = torch.empty(n, length - 1, k, dtype=torch.bfloat16, device=store)
+    indices = torch.empty(n, length - 1, k, dtype=torch.int32, device=store)
     for start in range(0, n, batch):
         ids = windows[start:start + batch].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -57,6 +58,6 @@ def teacher_top_k(teacher: nn.Module, windows: torch.Tensor, k: int,
             count = logit_chunks(hidden.shape[0], head.weight.shape[0])
             tops = [head(part).float().topk(k, dim=-1) for part in hidden.tensor_split(count)]
         shape = (len(ids), length - 1, k)
-        values[start:start + batch] = torch.cat([t.values for t in tops]).view(shape).cpu()
-        indices[start:start + batch] = torch.cat([t.indices for t in tops]).view(shape).cpu()
+        values[start:start + batch] = torch.cat([t.values for t in tops]).view(shape)
+        indices[start:start + batch] = torch.cat([t.indices for t in tops]).view(shape)
     return TeacherTopK(values, indices)
