@@ -16,7 +16,7 @@ SCREENED_METRICS = ("perplexity", "nll")
 """The objectives that depend on how many evaluation windows are scored (both follow the
 mean loss): what a multi-fidelity screen on the first windows compares."""
 
-COST_METRICS = ("params", "flops", "kv_bytes_per_token")
+COST_METRICS = ("params", "nonzero_params", "flops", "kv_bytes_per_token")
 """Computed from the model config alone: constraints on them are checked before a
 sub-network is evaluated, and the result log stores them as fixed columns."""
 

@@ -140,6 +140,11 @@ def _same(value: T) -> T:
     return value
 
 
+def lacks_input_norms(scores: ImportanceScores) -> bool:
+    """Activation scores cached before they carried Wanda's input norms: computed again."""
+    return scores.meta.get("criterion") == "activation" and scores.input_norms is None
+
+
 def sorting_scores(settings: EvaluatorSettings, compute: Callable[[], ImportanceScores | None],
                    share: Callable[[Any], Any] = _same, writer: bool = True) -> ImportanceScores | None:
     """The scores to sort the weights by: the cached ones, or `compute()`, then cached.
@@ -152,7 +157,7 @@ def sorting_scores(settings: EvaluatorSettings, compute: Callable[[], Importance
         return None
     path = importance_cache_path(settings)
     cached = share(ImportanceScores.load(path) if writer and os.path.isfile(path) else None)
-    if cached is not None:
+    if cached is not None and not lacks_input_norms(cached):
         return cached
     scores = share(compute())
     if writer:

@@ -7,6 +7,9 @@ per query head at the input of `o_proj`, per neuron at the input of `down_proj`,
 embedding channel at every RMSNorm output); block influence follows ShortGPT
 (1 - cosine similarity of a layer's input and output). Permuting leaves the function
 unchanged, because every permuted axis is summed over or normalised as a whole.
+
+The same calibration pass collects the L2 norm of every input channel of every layer's
+projections (`InputNorms`), which weight sparsity's Wanda scores (`wanda_scores`) need.
 """
 
 from __future__ import annotations
@@ -22,12 +25,58 @@ from prunetune.search_spaces.dims import Adapter, ModelDims, adapter_for
 
 
 @dataclass
+class InputNorms:
+    """L2 norms over the calibration tokens of the input channels of each layer's
+    projections: `attn[i]` of q/k/v (the input norm's output), `o[i]` of o_proj (the query
+    heads' outputs), `mlp[i]` of gate/up (the post-attention norm's output) and `down[i]`
+    of down_proj (the neurons)."""
+
+    attn: list[torch.Tensor]
+    o: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+    down: list[torch.Tensor]
+
+    KINDS = ("attn", "o", "mlp", "down")
+
+    def of(self, a: Adapter, layer: int, projection: str) -> torch.Tensor:
+        """The input-channel norms of `projection` (an adapter name, e.g. `a.q`) of `layer`."""
+        kind = {a.q: "attn", a.k: "attn", a.v: "attn", a.o: "o",
+                a.gate: "mlp", a.up: "mlp", a.down: "down"}[projection]
+        return getattr(self, kind)[layer]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat named tensors (`input_norms.<kind>.<layer>`), as the scores file stores them."""
+        return {f"input_norms.{kind}.{i}": t for kind in self.KINDS
+                for i, t in enumerate(getattr(self, kind))}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], layers: int) -> "InputNorms | None":
+        """What `tensors` wrote; None for a scores file written without input norms."""
+        if "input_norms.attn.0" not in tensors:
+            return None
+        return cls(**{kind: [tensors[f"input_norms.{kind}.{i}"] for i in range(layers)]
+                      for kind in cls.KINDS})
+
+
+def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda's weight scores: |W_ij| * ||X_j||_2, with `input_norms` the L2 norm of every
+    input channel j over the calibration tokens (Sun et al. 2023)."""
+    return weight.detach().float().abs() * input_norms.to(weight.device).float()[None, :]
+
+
+def magnitude_weight_scores(weight: torch.Tensor) -> torch.Tensor:
+    """Magnitude pruning's weight scores: |W_ij|."""
+    return weight.detach().float().abs()
+
+
+@dataclass
 class ImportanceScores:
     """Scores of one model: higher means more important.
 
     `heads[i]` has one score per query head of layer i (in the model's head order),
     `neurons[i]` one per MLP neuron, `embed` one per embedding channel, and
-    `block_influence` one per layer.
+    `block_influence` one per layer; `input_norms` are those of the activation criterion
+    (None for the others).
     """
 
     heads: list[torch.Tensor]
@@ -35,6 +84,7 @@ class ImportanceScores:
     embed: torch.Tensor
     block_influence: torch.Tensor
     meta: dict[str, str] = field(default_factory=dict)
+    input_norms: InputNorms | None = None
 
     def layer_order(self) -> list[int]:
         """Layer indices, most influential first (ShortGPT drops from the end of this)."""
@@ -48,6 +98,8 @@ class ImportanceScores:
         for i, (h, n) in enumerate(zip(self.heads, self.neurons)):
             tensors[f"heads.{i}"] = h
             tensors[f"neurons.{i}"] = n
+        if self.input_norms is not None:
+            tensors.update(self.input_norms.tensors())
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -67,7 +119,8 @@ class ImportanceScores:
         n = sum(1 for k in tensors if k.startswith("heads."))
         return cls(heads=[tensors[f"heads.{i}"] for i in range(n)],
                    neurons=[tensors[f"neurons.{i}"] for i in range(n)],
-                   embed=tensors["embed"], block_influence=tensors["block_influence"], meta=meta)
+                   embed=tensors["embed"], block_influence=tensors["block_influence"], meta=meta,
+                   input_norms=InputNorms.from_tensors(tensors, n))
 
 
 class _Accumulator:
@@ -82,6 +135,10 @@ class _Accumulator:
         self.neurons = [torch.zeros(self.d.intermediate_size, dtype=torch.float64) for _ in range(n)]
         self.embed = torch.zeros(self.d.hidden_size, dtype=torch.float64)
         self.influence = torch.zeros(n, dtype=torch.float64)
+        widths = {"attn": self.d.hidden_size, "o": self.d.num_heads * self.d.head_dim,
+                  "mlp": self.d.hidden_size, "down": self.d.intermediate_size}
+        self.squares = {kind: [torch.zeros(w, dtype=torch.float64) for _ in range(n)]
+                        for kind, w in widths.items()}
         self.tokens = 0
 
     def hooks(self) -> Iterator[torch.utils.hooks.RemovableHandle]:
@@ -92,8 +149,9 @@ class _Accumulator:
             yield attn.get_submodule(a.o).register_forward_pre_hook(self._head_hook(i))
             yield mlp.get_submodule(a.down).register_forward_pre_hook(self._neuron_hook(i))
             yield layer.register_forward_hook(self._influence_hook(i), with_kwargs=True)
-            for norm in (a.input_norm, a.post_attn_norm):
+            for norm, kind in ((a.input_norm, "attn"), (a.post_attn_norm, "mlp")):
                 yield layer.get_submodule(norm).register_forward_hook(self._embed_hook)
+                yield layer.get_submodule(norm).register_forward_hook(self._square_hook(kind, i))
         yield self.model.get_submodule(a.final_norm).register_forward_hook(self._embed_hook)
 
     def _head_hook(self, i: int):
@@ -101,12 +159,23 @@ class _Accumulator:
             x = args[0].float()
             per_head = x.reshape(*x.shape[:-1], self.d.num_heads, self.d.head_dim).norm(dim=-1)
             self.heads[i] += per_head.reshape(-1, self.d.num_heads).sum(0).double().cpu()
+            self._add_squares("o", i, x)
         return hook
+
+    def _square_hook(self, kind: str, i: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._add_squares(kind, i, output.float())
+        return hook
+
+    def _add_squares(self, kind: str, i: int, x: torch.Tensor) -> None:
+        """Add the squares of every channel of `x` over its tokens (Wanda's input norms)."""
+        self.squares[kind][i] += x.pow(2).reshape(-1, x.shape[-1]).sum(0).double().cpu()
 
     def _neuron_hook(self, i: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].float().abs()
-            self.neurons[i] += x.reshape(-1, x.shape[-1]).sum(0).double().cpu()
+            x = args[0].float()
+            self.neurons[i] += x.abs().reshape(-1, x.shape[-1]).sum(0).double().cpu()
+            self._add_squares("down", i, x)
         return hook
 
     def _embed_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -126,7 +195,10 @@ class _Accumulator:
         return ImportanceScores(heads=[(h / t).float() for h in self.heads],
                                 neurons=[(n / t).float() for n in self.neurons],
                                 embed=(self.embed / t).float(),
-                                block_influence=(self.influence / t).float(), meta=meta)
+                                block_influence=(self.influence / t).float(), meta=meta,
+                                input_norms=InputNorms(**{
+                                    kind: [v.sqrt().float() for v in values]
+                                    for kind, values in self.squares.items()}))
 
 
 @torch.inference_mode()
@@ -211,14 +283,21 @@ def permute_model(model: nn.Module, scores: ImportanceScores) -> ImportanceScore
     channels = descending(scores.embed)
     for param, dim in residual_tables(model, a):
         reorder_(param, channels, dim)
-    new_heads, new_neurons = [], []
+    new_heads, new_neurons, orders = [], [], []
     for i, layer in enumerate(model.get_submodule(a.layers)):
         heads, neurons = permute_layer(layer, a, d, scores.heads[i], scores.neurons[i], channels)
         new_heads.append(scores.heads[i][heads])
         new_neurons.append(scores.neurons[i][neurons])
+        orders.append((_expand(heads, d.head_dim), neurons))
+    norms = scores.input_norms
+    if norms is not None:
+        norms = InputNorms(attn=[t[channels] for t in norms.attn],
+                           o=[t[rows] for t, (rows, _) in zip(norms.o, orders)],
+                           mlp=[t[channels] for t in norms.mlp],
+                           down=[t[neurons] for t, (_, neurons) in zip(norms.down, orders)])
     return ImportanceScores(heads=new_heads, neurons=new_neurons, embed=scores.embed[channels],
                             block_influence=scores.block_influence.clone(),
-                            meta={**scores.meta, "permuted": "true"})
+                            meta={**scores.meta, "permuted": "true"}, input_norms=norms)
 
 
 def residual_tables(model: nn.Module, a: Adapter) -> list[tuple[torch.Tensor, int]]:

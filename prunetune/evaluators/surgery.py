@@ -5,6 +5,11 @@ a removed neuron before `down_proj`, skip removed layers, and keep removed embed
 channels at zero with every RMSNorm taken over the kept channels only. Extraction slices
 the same weights into a new model, so a half-size sub-network runs at half the cost.
 Weights must already be importance-sorted: keeping k means keeping the first k.
+
+A sub-network's weight sparsity (`SubnetConfig.sparsity`) is decided on the kept block of
+every linear weight, in the extracted model's shapes, so both ways zero the same weights:
+extraction writes the zeros into its copy, masks multiply the weight by a boolean mask in
+the module's forward and never change it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from prunetune.evaluators.importance import InputNorms, magnitude_weight_scores, wanda_scores
 from prunetune.search_spaces.dims import Adapter, ModelDims, adapter_for
-from prunetune.search_spaces.subnet import SubnetConfig
+from prunetune.search_spaces.subnet import Sparsity, SubnetConfig
 
 SUBNET_FILE = "prunetune_subnet.json"
+SPARSITY_CONFIG_KEY = "prunetune_sparsity"
+"""The field of an exported sparse sub-network's config.json that records its sparsity."""
 
 
 def _identity_layer(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -109,20 +117,27 @@ class InputSlices:
 
 
 @contextmanager
-def apply_masks(model: nn.Module, subnet: SubnetConfig,
-                slices: InputSlices | None = None) -> Iterator[nn.Module]:
+def apply_masks(model: nn.Module, subnet: SubnetConfig, slices: InputSlices | None = None,
+                input_norms: InputNorms | None = None) -> Iterator[nn.Module]:
     """Make the resident model compute `subnet` exactly; restore it on exit.
 
     No weight is copied: hooks scale the inputs of `o_proj`/`down_proj`, removed layers get
     an identity forward, and the norms average over the kept embedding channels. On a
     tensor-parallel rank, `slices` cuts the head and neuron masks to what its `o_proj` and
     `down_proj` read; layers and embedding channels are not split and mask the same way.
+    Weight sparsity multiplies each kept linear weight by a boolean mask in its forward
+    (Wanda's scores need `input_norms`, those of the permuted model); it is refused under
+    tensor parallelism, where no rank holds a whole row.
     """
     d = ModelDims.from_config(model.config)
     subnet.validate(d)
+    if subnet.sparsity is not None and slices is not None:
+        raise ValueError("sparsity: weight sparsity needs whole weights; it is not applied "
+                         "on tensor-parallel slices")
     a = adapter_for(model)
     layers = model.get_submodule(a.layers)
     kept = dict(zip(subnet.layers, zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp)))
+    levels = dict(zip(subnet.layers, subnet.sparsity.levels if subnet.sparsity else ()))
     like = next(model.parameters())
     slices = slices or InputSlices()
     with ExitStack() as stack:
@@ -131,6 +146,9 @@ def apply_masks(model: nn.Module, subnet: SubnetConfig,
                 stack.enter_context(_patched_forward(layer, _identity_layer))
                 continue
             _mask_layer(stack, layer, a, d, kept[i], like, slices)
+            if levels.get(i, 0) > 0:
+                _mask_weights(stack, layer, a, d, subnet.embed, kept[i], subnet.sparsity,
+                              levels[i], input_norms, i)
         if subnet.embed < d.hidden_size:
             _mask_channels(stack, model, a, layers, subnet.embed)
         yield model
@@ -160,6 +178,99 @@ def _mask_channels(stack: ExitStack, model: nn.Module, a: Adapter, layers: nn.Mo
         stack.enter_context(_hook(module.register_forward_hook(_zero_channels_from(keep))))
     for norm in _norms(model, a, layers):
         stack.enter_context(_patched_forward(norm, _kept_channel_rmsnorm(keep)))
+
+
+def unstructured_keep(scores: torch.Tensor, zeros_per_row: int) -> torch.Tensor:
+    """A boolean mask of `scores` [out, in] that drops the `zeros_per_row` lowest of every
+    row (ties drop the earlier input)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if zeros_per_row:
+        lowest = torch.argsort(scores, dim=1, stable=True)[:, :zeros_per_row]
+        keep.scatter_(1, lowest, False)
+    return keep
+
+
+def n_m_keep(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """A boolean mask of `scores` [out, in] that keeps the `n` highest of every `m`
+    consecutive inputs of a row; a trailing group of fewer than `m` stays whole."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    rows, width = scores.shape
+    full = width // m * m
+    groups = scores[:, :full].reshape(rows, -1, m)
+    top = torch.argsort(groups, dim=-1, descending=True, stable=True)[..., :n]
+    kept = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    keep[:, :full] = kept.reshape(rows, full)
+    return keep
+
+
+def sparsity_keep(scores: torch.Tensor, sparsity: Sparsity, level: float) -> torch.Tensor:
+    """The weights of one kept block that `sparsity` keeps at `level`, by their scores."""
+    n_m = sparsity.n_m
+    if n_m is not None and level > 0:
+        return n_m_keep(scores, *n_m)
+    return unstructured_keep(scores, sparsity.zeros_per_row(level, scores.shape[1]))
+
+
+@dataclass(frozen=True)
+class KeptBlock:
+    """The kept part of one linear of a layer: the module, its path in the layer, and the
+    rows and columns it keeps (in the extracted model's order)."""
+
+    linear: nn.Linear
+    path: str
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    def weight(self) -> torch.Tensor:
+        """The kept block of the weight, as the extracted model holds it."""
+        return self.linear.weight.index_select(0, self.rows).index_select(1, self.cols)
+
+
+def kept_blocks(layer: nn.Module, a: Adapter, d: ModelDims, e: int, kv: int, q: int,
+                m: int) -> dict[str, KeptBlock]:
+    """The kept blocks of a layer's q, k, v, o, gate, up and down projections, by the
+    adapter's projection name."""
+    attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
+    device = attn.get_submodule(a.q).weight.device
+    heads = _head_rows(d, kv, q, device)
+    prefix = lambda size: torch.arange(size, device=device)  # noqa: E731
+    kv_rows, channels, neurons = prefix(kv * d.head_dim), prefix(e), prefix(m)
+    spans = ((attn, a.attn, a.q, heads, channels), (attn, a.attn, a.k, kv_rows, channels),
+             (attn, a.attn, a.v, kv_rows, channels), (attn, a.attn, a.o, channels, heads),
+             (mlp, a.mlp, a.gate, neurons, channels), (mlp, a.mlp, a.up, neurons, channels),
+             (mlp, a.mlp, a.down, channels, neurons))
+    return {name: KeptBlock(parent.get_submodule(name), f"{where}.{name}", rows, cols)
+            for parent, where, name, rows, cols in spans}
+
+
+def block_keep(block: KeptBlock, name: str, sparsity: Sparsity, level: float,
+               norms: InputNorms | None, a: Adapter, layer: int) -> torch.Tensor:
+    """The sparsity mask of one kept block (of projection `name` of model layer `layer`)."""
+    weight = block.weight()
+    if sparsity.method == "magnitude":
+        return sparsity_keep(magnitude_weight_scores(weight), sparsity, level)
+    if norms is None:
+        raise ValueError("sparsity.method wanda needs the input norms of the activation "
+                         "criterion (evaluation.importance: activation)")
+    inputs = norms.of(a, layer, name).to(block.cols.device).index_select(0, block.cols)
+    return sparsity_keep(wanda_scores(weight, inputs), sparsity, level)
+
+
+def _masked_weight_forward(mask: torch.Tensor) -> Any:
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight * mask, self.bias)
+    return forward
+
+
+def _mask_weights(stack: ExitStack, layer: nn.Module, a: Adapter, d: ModelDims, e: int,
+                  widths: tuple[int, int, int], sparsity: Sparsity, level: float,
+                  norms: InputNorms | None, index: int) -> None:
+    """Make every kept block of a layer compute with its sparsity mask applied."""
+    for name, block in kept_blocks(layer, a, d, e, *widths).items():
+        keep = block_keep(block, name, sparsity, level, norms, a, index)
+        mask = torch.zeros_like(block.linear.weight, dtype=torch.bool)
+        mask[block.rows[:, None], block.cols[None, :]] = keep
+        stack.enter_context(_patched_forward(block.linear, _masked_weight_forward(mask)))
 
 
 def subnet_model_config(model_config: Any, subnet: SubnetConfig) -> Any:
@@ -215,8 +326,10 @@ def _skeleton(model_config: Any, subnet: SubnetConfig, dtype: torch.dtype) -> nn
     return model
 
 
-def _sliced_state(model: nn.Module, subnet: SubnetConfig) -> dict[str, torch.Tensor]:
-    """The kept part of every weight, keyed by the extracted model's parameter names."""
+def _sliced_state(model: nn.Module, subnet: SubnetConfig,
+                  input_norms: InputNorms | None = None) -> dict[str, torch.Tensor]:
+    """The kept part of every weight, keyed by the extracted model's parameter names, with
+    the sub-network's weight sparsity applied."""
     d = ModelDims.from_config(model.config)
     a = adapter_for(model)
     e = subnet.embed
@@ -227,40 +340,22 @@ def _sliced_state(model: nn.Module, subnet: SubnetConfig) -> dict[str, torch.Ten
     }
     if not d.tie_word_embeddings:
         state[f"{a.lm_head}.weight"] = model.get_submodule(a.lm_head).weight[:, :e]
-    for new_i, (old_i, kv, q, m) in enumerate(zip(subnet.layers, subnet.kv_heads,
-                                                  subnet.q_per_kv, subnet.mlp)):
+    levels = subnet.sparsity.levels if subnet.sparsity else (0.0,) * subnet.num_layers
+    for new_i, (old_i, kv, q, m, level) in enumerate(zip(subnet.layers, subnet.kv_heads,
+                                                         subnet.q_per_kv, subnet.mlp, levels)):
         prefix = f"{a.layers}.{new_i}."
-        for name, tensor in _layer_slices(layers[old_i], a, d, e, kv, q, m).items():
-            state[prefix + name] = tensor
+        layer = layers[old_i]
+        state[prefix + f"{a.input_norm}.weight"] = layer.get_submodule(a.input_norm).weight[:e]
+        state[prefix + f"{a.post_attn_norm}.weight"] = layer.get_submodule(a.post_attn_norm).weight[:e]
+        for name, block in kept_blocks(layer, a, d, e, kv, q, m).items():
+            weight = block.weight()
+            if level > 0:
+                weight = weight * block_keep(block, name, subnet.sparsity, level, input_norms,
+                                             a, old_i)
+            state[f"{prefix}{block.path}.weight"] = weight
+            if block.linear.bias is not None:
+                state[f"{prefix}{block.path}.bias"] = block.linear.bias.index_select(0, block.rows)
     return {k: v.detach().clone() for k, v in state.items()}
-
-
-def _layer_slices(layer: nn.Module, a: Adapter, d: ModelDims, e: int, kv: int, q: int,
-                  m: int) -> dict[str, torch.Tensor]:
-    attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
-    rows = _head_rows(d, kv, q, attn.get_submodule(a.q).weight.device)
-    kv_rows = kv * d.head_dim
-    out = {
-        f"{a.input_norm}.weight": layer.get_submodule(a.input_norm).weight[:e],
-        f"{a.post_attn_norm}.weight": layer.get_submodule(a.post_attn_norm).weight[:e],
-        f"{a.attn}.{a.q}.weight": attn.get_submodule(a.q).weight[rows, :e],
-        f"{a.attn}.{a.k}.weight": attn.get_submodule(a.k).weight[:kv_rows, :e],
-        f"{a.attn}.{a.v}.weight": attn.get_submodule(a.v).weight[:kv_rows, :e],
-        f"{a.attn}.{a.o}.weight": attn.get_submodule(a.o).weight[:e][:, rows],
-        f"{a.mlp}.{a.gate}.weight": mlp.get_submodule(a.gate).weight[:m, :e],
-        f"{a.mlp}.{a.up}.weight": mlp.get_submodule(a.up).weight[:m, :e],
-        f"{a.mlp}.{a.down}.weight": mlp.get_submodule(a.down).weight[:e, :m],
-    }
-    biases = {a.q: rows, a.k: slice(0, kv_rows), a.v: slice(0, kv_rows), a.o: slice(0, e)}
-    for name, index in biases.items():
-        bias = attn.get_submodule(name).bias
-        if bias is not None:
-            out[f"{a.attn}.{name}.bias"] = bias[index]
-    for name, index in ((a.gate, slice(0, m)), (a.up, slice(0, m)), (a.down, slice(0, e))):
-        bias = mlp.get_submodule(name).bias
-        if bias is not None:
-            out[f"{a.mlp}.{name}.bias"] = bias[index]
-    return out
 
 
 def _materialize(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
@@ -278,12 +373,16 @@ def _materialize(model: nn.Module, state: dict[str, torch.Tensor], device: torch
     return model.eval()
 
 
-def extract(model: nn.Module, subnet: SubnetConfig) -> nn.Module:
-    """A new, physically smaller model computing `subnet`; the original is left untouched."""
+def extract(model: nn.Module, subnet: SubnetConfig,
+            input_norms: InputNorms | None = None) -> nn.Module:
+    """A new, physically smaller model computing `subnet`; the original is left untouched.
+
+    Weight sparsity is written into the copy as zeros (Wanda's scores need `input_norms`,
+    those of the permuted model)."""
     subnet.validate(model.config)
     weight = next(model.parameters())
     skeleton = _skeleton(model.config, subnet, weight.dtype)
-    extracted = _materialize(skeleton, _sliced_state(model, subnet), weight.device)
+    extracted = _materialize(skeleton, _sliced_state(model, subnet, input_norms), weight.device)
     extracted.prunetune_subnet = subnet
     return extracted
 
@@ -304,15 +403,17 @@ def random_subnet_model(model_config: Any, subnet: SubnetConfig, dtype: torch.dt
     return _materialize(skeleton, state, torch.device(device))
 
 
-def save_pruned(model: nn.Module, subnet: SubnetConfig, out_dir: str | Path) -> Path:
+def save_pruned(model: nn.Module, subnet: SubnetConfig, out_dir: str | Path,
+                input_norms: InputNorms | None = None) -> Path:
     """Write `subnet` of `model` as a safetensors checkpoint with its config.
 
     A sub-network with the same widths in every layer is a plain HF checkpoint (a Llama
     whose kept embedding width is not a multiple of its heads is written as the equivalent
     Mistral, since transformers' Llama config refuses that shape); per-layer widths are
-    recorded in `prunetune_subnet.json` and need `load_pruned`.
+    recorded in `prunetune_subnet.json` and need `load_pruned`. Weight sparsity is stored
+    as zeros in the weights and recorded in config.json as `prunetune_sparsity`.
     """
-    return save_extracted(extract(model, subnet), subnet, out_dir)
+    return save_extracted(extract(model, subnet, input_norms), subnet, out_dir)
 
 
 def save_extracted(small: nn.Module, subnet: SubnetConfig, out_dir: str | Path) -> Path:
@@ -322,6 +423,8 @@ def save_extracted(small: nn.Module, subnet: SubnetConfig, out_dir: str | Path) 
     as_mistral = _llama_rejects(small.config)
     if as_mistral:
         small.config = _as_mistral(small.config)
+    if subnet.sparsity is not None:
+        setattr(small.config, SPARSITY_CONFIG_KEY, subnet.sparsity.to_dict())
     small.save_pretrained(out)
     if as_mistral:
         small.config.architectures = ["MistralForCausalLM"]

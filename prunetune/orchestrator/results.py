@@ -58,6 +58,8 @@ _COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("mlp", pa.int64(), "MLP neurons kept, summed over kept layers"),
     ("embed", pa.int64(), "embedding channels kept"),
     ("params", pa.int64(), "parameters of the extracted sub-network (tied embeddings once)"),
+    ("nonzero_params", pa.int64(), "params the weight sparsity leaves nonzero (= params "
+     "without sparsity); null in logs written before the column"),
     ("flops", pa.int64(), "FLOPs of one forward pass over one sequence of the run's seq_len"),
     ("kv_bytes_per_token", pa.int64(), "KV-cache bytes per token at 2 bytes per value"),
     ("status", pa.string(), "ok | failed | infeasible"),

@@ -1,7 +1,8 @@
 """Exact cost of a sub-network from the model config alone: no weights, no torch.
 
 `count_params` equals `sum(p.numel())` of the extracted model, tied embeddings counted
-once. FLOPs count a multiply-add as 2 and include the attention score and value products
+once; `count_nonzero_params` equals its nonzero count once its weight sparsity is applied
+(for weights that are not zero by themselves). FLOPs count a multiply-add as 2 and include the attention score and value products
 over the full (not causally halved) sequence, the convention of the scaling-law papers.
 """
 
@@ -36,6 +37,29 @@ def _layer_other_params(d: ModelDims, e: int, kv: int, q: int, m: int) -> int:
 
 def _layers(subnet: SubnetConfig) -> zip:
     return zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp)
+
+
+def linear_shapes(d: ModelDims, e: int, kv: int, q: int, m: int) -> tuple[tuple[int, int], ...]:
+    """(out, in) of one kept layer's linear weights that weight sparsity prunes: q, k, v,
+    o, gate, up, down, in the extracted model's shapes."""
+    q_width, kv_width = kv * q * d.head_dim, kv * d.head_dim
+    return ((q_width, e), (kv_width, e), (kv_width, e), (e, q_width), (m, e), (m, e), (e, m))
+
+
+def count_pruned_weights(model_config: Any, subnet: SubnetConfig) -> int:
+    """Weights the sub-network's weight sparsity sets to zero (0 without sparsity)."""
+    sparsity = subnet.sparsity
+    if sparsity is None:
+        return 0
+    d = ModelDims.of(model_config)
+    return sum(rows * sparsity.zeros_per_row(level, width)
+               for (kv, q, m), level in zip(_layers(subnet), sparsity.levels)
+               for rows, width in linear_shapes(d, subnet.embed, kv, q, m))
+
+
+def count_nonzero_params(model_config: Any, subnet: SubnetConfig) -> int:
+    """Parameters of the extracted sub-network that its weight sparsity leaves nonzero."""
+    return count_params(model_config, subnet) - count_pruned_weights(model_config, subnet)
 
 
 def count_params(model_config: Any, subnet: SubnetConfig) -> int:
@@ -105,6 +129,7 @@ def subnet_cost(model_config: Any, subnet: SubnetConfig, seq_len: int = 2048, dt
     """Every cost metric of a sub-network, keyed as the result log names them."""
     return {
         "params": count_params(model_config, subnet),
+        "nonzero_params": count_nonzero_params(model_config, subnet),
         "flops": forward_flops(model_config, subnet, seq_len),
         "kv_bytes_per_token": kv_cache_bytes_per_token(model_config, subnet, dtype_bytes),
         "peak_memory_bytes": peak_memory_bytes(model_config, subnet, seq_len, batch_size,

@@ -9,12 +9,93 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from prunetune.search_spaces.dims import ModelDims
 
 _FIELDS = ("layers", "kv_heads", "q_per_kv", "mlp", "embed")
+_OPTIONAL_FIELDS = ("sparsity",)
+
+SPARSITY_METHODS = ("magnitude", "wanda")
+"""How a weight's score is computed: |W| (magnitude), or |W| times the L2 norm of its
+input channel over the calibration tokens (Wanda, Sun et al. 2023)."""
+UNSTRUCTURED = "unstructured"
+_N_M = re.compile(r"^(?P<n>[1-9][0-9]*):(?P<m>[1-9][0-9]*)$")
+_LEVEL_TOLERANCE = 1e-9
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """(N, M) of an `N:M` pattern, None for `unstructured`; a ValueError for anything else."""
+    if pattern == UNSTRUCTURED:
+        return None
+    match = _N_M.match(pattern)
+    if match is None or not int(match["n"]) < int(match["m"]):
+        raise ValueError(f"sparsity.pattern: must be {UNSTRUCTURED!r} or 'N:M' with "
+                         f"0 < N < M (e.g. '2:4'), got {pattern!r}")
+    return int(match["n"]), int(match["m"])
+
+
+def pattern_levels(pattern: str) -> tuple[float, ...]:
+    """The levels a pattern allows besides 0: any in [0, 1) for unstructured, 1 - N/M for N:M."""
+    n_m = parse_pattern(pattern)
+    return () if n_m is None else (1 - n_m[0] / n_m[1],)
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Weight sparsity of a sub-network's kept linear weights (attention q/k/v/o and the MLP
+    projections), one level per kept layer.
+
+    Each output row of a kept weight (of the extracted shapes) loses its lowest-scoring
+    inputs: `unstructured` zeros the `zeros_per_row` lowest of the row (Wanda's per-row
+    comparison group); `N:M` keeps the N highest of every M consecutive inputs of a layer
+    whose level is 1 - N/M (a trailing group of fewer than M inputs stays dense).
+    """
+
+    method: str
+    pattern: str
+    levels: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(float(v) for v in self.levels))
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern; None when unstructured."""
+        return parse_pattern(self.pattern)
+
+    def zeros_per_row(self, level: float, width: int) -> int:
+        """Weights a row of `width` inputs loses at `level`: the one rule of masks and cost."""
+        if level <= 0:
+            return 0
+        n_m = self.n_m
+        if n_m is None:
+            return math.floor(level * width + _LEVEL_TOLERANCE)
+        n, m = n_m
+        return (width // m) * (m - n)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "pattern": self.pattern, "levels": list(self.levels)}
+
+    def validate(self, kept_layers: int) -> "Sparsity":
+        """Raise ValueError naming the field if this is not a valid sparsity of `kept_layers`."""
+        if self.method not in SPARSITY_METHODS:
+            raise ValueError(f"sparsity.method: must be one of {', '.join(SPARSITY_METHODS)}, "
+                             f"got {self.method!r}")
+        allowed = pattern_levels(self.pattern)
+        if len(self.levels) != kept_layers:
+            raise ValueError(f"sparsity.levels: needs one entry per kept layer ({kept_layers}), "
+                             f"got {len(self.levels)}")
+        for i, level in enumerate(self.levels):
+            if not 0 <= level < 1:
+                raise ValueError(f"sparsity.levels[{i}] = {level}: must be in [0, 1)")
+            if allowed and level > 0 and abs(level - allowed[0]) > _LEVEL_TOLERANCE:
+                raise ValueError(f"sparsity.levels[{i}] = {level}: pattern {self.pattern} "
+                                 f"allows 0 or {allowed[0]:g}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -24,7 +105,9 @@ class SubnetConfig:
     `layers` are original layer indices, ascending; `kv_heads`, `q_per_kv` and `mlp` have
     one entry per kept layer; `embed` is the number of embedding channels kept everywhere.
     New optional fields (such as per-block embedding widths) are left out of the JSON
-    while unset, so the JSON and hash of today's configs never change.
+    while unset, so the JSON and hash of today's configs never change. `sparsity` is
+    such a field: None, or the weight sparsity of the kept layers; a sparsity whose levels
+    are all 0 is stored as None, since it removes nothing.
     """
 
     layers: tuple[int, ...]
@@ -32,11 +115,18 @@ class SubnetConfig:
     q_per_kv: tuple[int, ...]
     mlp: tuple[int, ...]
     embed: int
+    sparsity: Sparsity | None = None
 
     def __post_init__(self) -> None:
         for name in ("layers", "kv_heads", "q_per_kv", "mlp"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         object.__setattr__(self, "embed", int(self.embed))
+        sparsity = self.sparsity
+        if isinstance(sparsity, dict):
+            sparsity = Sparsity(**sparsity)
+        if sparsity is not None and not any(sparsity.levels):
+            sparsity = None
+        object.__setattr__(self, "sparsity", sparsity)
 
     @classmethod
     def dense(cls, model_config: Any) -> "SubnetConfig":
@@ -61,8 +151,11 @@ class SubnetConfig:
         return all(len(set(v)) <= 1 for v in (self.kv_heads, self.q_per_kv, self.mlp))
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: list(v) if isinstance(v, tuple) else v
-                for name, v in ((f, getattr(self, f)) for f in _FIELDS)}
+        out = {name: list(v) if isinstance(v, tuple) else v
+               for name, v in ((f, getattr(self, f)) for f in _FIELDS)}
+        if self.sparsity is not None:
+            out["sparsity"] = self.sparsity.to_dict()
+        return out
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no spaces; equal configs give equal strings."""
@@ -70,13 +163,13 @@ class SubnetConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SubnetConfig":
-        unknown = sorted(set(data) - set(_FIELDS))
+        unknown = sorted(set(data) - set(_FIELDS) - set(_OPTIONAL_FIELDS))
         missing = [f for f in _FIELDS if f not in data]
         if unknown or missing:
             raise ValueError(
                 f"SubnetConfig JSON: unknown fields {unknown}, missing fields {missing}"
             )
-        return cls(**{f: data[f] for f in _FIELDS})
+        return cls(**{f: data[f] for f in (*_FIELDS, *_OPTIONAL_FIELDS) if f in data})
 
     @classmethod
     def from_json(cls, text: str) -> "SubnetConfig":
@@ -111,5 +204,7 @@ class SubnetConfig:
                     raise ValueError(f"{name}[{i}] = {v}: must be in [1, {upper}]")
         if not 1 <= self.embed <= d.hidden_size:
             raise ValueError(f"embed = {self.embed}: must be in [1, {d.hidden_size}]")
+        if self.sparsity is not None:
+            self.sparsity.validate(n)
         return self
 
