@@ -203,7 +203,7 @@ def test_grids_and_default_steps():
 
 
 def test_preset_bounds():
-    assert preset_bounds("layers") == ("min_layers", "layer_order")
+    assert preset_bounds("layers") == ("min_layers", "layer_order", "sparsity")
     assert "ratio_step" in preset_bounds("uniform") and "ratio_step" not in preset_bounds("per_layer")
 
 
@@ -256,3 +256,40 @@ def test_module_imports_neither_torch_nor_ray():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("preset", ["layers", "uniform", "per_layer"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsity_grid_round_trips_in_every_preset(preset: str, pattern: str) -> None:
+    space = make_space(preset, GQA, sparsity={"method": "magnitude", "pattern": pattern})
+    names = [n for n in space.choices() if n.startswith("sparsity")]
+    assert names == ([f"sparsity_{i}" for i in range(space.dims.num_layers)]
+                     if preset == "per_layer" else ["sparsity"])
+    assert space.choices()[names[0]] == ([0.0, 0.25, 0.5] if pattern == "unstructured"
+                                         else [0.0, 0.5])
+    rng = random.Random(0)
+    sparse = 0
+    for _ in range(30):
+        subnet = space.sample(rng)
+        assert space.decode(space.encode(subnet)) == subnet
+        if subnet.sparsity is not None:
+            sparse += 1
+            assert (subnet.sparsity.method, subnet.sparsity.pattern) == ("magnitude", pattern)
+            assert len(subnet.sparsity.levels) == subnet.num_layers
+    assert sparse > 0
+    assert space.decode(space.encode(SubnetConfig.dense(GQA))) == SubnetConfig.dense(GQA)
+
+
+def test_sparsity_grid_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match=r"sparsity.levels: 0.25: pattern 2:4 allows 0 or 0.5"):
+        make_space("uniform", GQA, sparsity={"pattern": "2:4", "levels": [0.25]})
+    with pytest.raises(ValueError, match="sparsity.method"):
+        make_space("uniform", GQA, sparsity={"method": "sparsegpt"})
+    uniform = make_space("uniform", GQA, sparsity={"pattern": "unstructured"})
+    subnet = SubnetConfig.dense(GQA)
+    mixed = SubnetConfig(**{**subnet.to_dict(), "sparsity": {
+        "method": "wanda", "pattern": "unstructured", "levels": [0.5] + [0.0] * (len(subnet.layers) - 1)}})
+    with pytest.raises(ValueError, match="the same level"):
+        uniform.encode(mixed)
+    with pytest.raises(ValueError, match="this space has none"):
+        make_space("uniform", GQA).encode(mixed)

@@ -82,6 +82,15 @@ def test_a_yaml_file_round_trips(tmp_path):
     ]
 
 
+def test_sparsity_dumps_and_loads_back():
+    spec = load_spec({"search_space": {"preset": "per_layer",
+                                       "sparsity": {"pattern": "2:4", "levels": [0, 0.5]}}})
+    assert load_spec(yaml.safe_load(spec.to_yaml())) == spec
+    assert spec.search_space.bounds()["sparsity"] == {"method": "wanda", "pattern": "2:4",
+                                                      "levels": [0.0, 0.5]}
+    assert "nonzero_params" in load_spec({"constraints": ["nonzero_params <= 0.5 * dense"]}).metrics_needed()
+
+
 def test_layers_preset_dumps_only_its_bounds(tmp_path):
     spec = load_spec({"search_space": {"preset": "layers", "min_layers": 3}})
     assert yaml.safe_load(spec.to_yaml())["search_space"] == {"preset": "layers", "min_layers": 3}
@@ -139,6 +148,22 @@ def test_run_dir_defaults_to_name_and_utc_time():
         ({"resources": {"gpus_per_evaluator": 2, "sharding": "autotp"}},
          "evaluation.mode: sharding: autotp evaluates sub-networks as masks"),
         ({"name": "a/b"}, "name: String should match pattern"),
+        ({"search_space": {"sparsity": {"method": "sparsegpt"}}},
+         "search_space.sparsity.method: Input should be 'magnitude' or 'wanda'"),
+        ({"search_space": {"sparsity": {"pattern": "4:2"}}},
+         "search_space.sparsity.pattern: must be 'unstructured' or 'N:M' with 0 < N < M"),
+        ({"search_space": {"sparsity": {"pattern": "2:4", "levels": [0, 0.25]}}},
+         "search_space.sparsity.levels: 0.25: pattern 2:4 allows 0 or 0.5"),
+        ({"search_space": {"sparsity": {"levels": [1.0]}}},
+         "search_space.sparsity.levels: 1.0: must be in [0, 1)"),
+        ({"search_space": {"sparsity": {"levels": [0.5], "ratio": 2}}},
+         "search_space.sparsity.ratio: Extra inputs are not permitted"),
+        ({"search_space": {"sparsity": {}}, "evaluation": {"importance": "magnitude"}},
+         "search_space.sparsity.method: wanda scores weights by the input norms"),
+        ({"search_space": {"sparsity": {"method": "magnitude"}},
+          "resources": {"gpus_per_evaluator": 2, "sharding": "zero3"},
+          "evaluation": {"mode": "masked"}},
+         "search_space.sparsity: weight sparsity needs whole weights on one device"),
         ({"evaluation": {"tasks": ["piqa", "lm_eval:piqa"]}},
          "evaluation.tasks: piqa named twice (built in and as lm_eval:<task> both give acc_<task>)"),
     ],

@@ -23,7 +23,7 @@ from prunetune.evaluators.contract import (
     DTYPES, EvaluatorBase, compute_scores, evaluator_device, release_memory, sorting_scores,
 )
 from prunetune.evaluators.data import token_windows
-from prunetune.evaluators.importance import ImportanceScores, permute_model
+from prunetune.evaluators.importance import ImportanceScores, InputNorms, permute_model
 from prunetune.evaluators.latency import LatencyCache, latency_cache_file, subnet_latency
 from prunetune.evaluators.model import load_model
 from prunetune.evaluators.perplexity import perplexity, window_span
@@ -74,6 +74,12 @@ class Evaluator(EvaluatorBase):
     def model_config(self) -> Any:
         return self.model.config
 
+    @property
+    def input_norms(self) -> InputNorms | None:
+        """The sorted model's input-channel norms, which Wanda sparsity scores weights by;
+        None without activation scores."""
+        return None if self.scores is None else self.scores.input_norms
+
     def measure(self, subnet: SubnetConfig, metrics: set[str],
                 span: tuple[int, int] | None = None,
                 trained: nn.Module | None = None) -> dict[str, Any]:
@@ -101,10 +107,10 @@ class Evaluator(EvaluatorBase):
         elif subnet == SubnetConfig.dense(self.model.config):
             yield self.model
         elif self.settings.mode == "masked":
-            with apply_masks(self.model, subnet) as model:
+            with apply_masks(self.model, subnet, input_norms=self.input_norms) as model:
                 yield model
         else:
-            yield extract(self.model, subnet)
+            yield extract(self.model, subnet, self.input_norms)
 
     def _quality(self, model: nn.Module, metrics: set[str],
                  span: tuple[int, int] | None) -> dict[str, float]:

@@ -265,7 +265,7 @@ def _export(args: argparse.Namespace) -> int:
 
     subnet, params = _front_pick(args.run_dir, args.pick)
     evaluator = _dense_evaluator(args.run_dir, "cpu")
-    out = save_pruned(evaluator.model, subnet, args.out)
+    out = save_pruned(evaluator.model, subnet, args.out, evaluator.input_norms)
     evaluator.tokenizer.save_pretrained(out)
     print(_saved(out, subnet, params))
     return 0
@@ -300,7 +300,7 @@ def _recover_pick(args: argparse.Namespace, settings: DistillSettings) -> int:
 
     subnet, params = _front_pick(args.run_dir, args.pick)
     evaluator = _dense_evaluator(args.run_dir, "auto")
-    student = extract(evaluator.model, subnet)
+    student = extract(evaluator.model, subnet, evaluator.input_norms)
     batch = evaluator.settings.batch_size
     before = perplexity(student, evaluator.windows, batch)["perplexity"]
     out = Path(args.out)

@@ -119,7 +119,7 @@ def dense_and_student(evaluator_settings: EvaluatorSettings, subnet: SubnetConfi
     """A distillation worker's teacher (the dense model, loaded and sorted as the run's
     evaluator does, on the worker's current device) and its float32 student."""
     evaluator = Evaluator(replace(evaluator_settings, tasks=()), f"distil-{subnet.config_hash()[:8]}")
-    return evaluator.model, extract(evaluator.model, subnet).float()
+    return evaluator.model, extract(evaluator.model, subnet, evaluator.input_norms).float()
 
 
 def recover_on_workers(run_dir: str, subnet: SubnetConfig, settings: DistillSettings,
@@ -154,7 +154,7 @@ def recover_point(evaluator_settings: EvaluatorSettings, subnet: SubnetConfig,
     it, the sub-network distilled from it, saved to `folder`, and measured."""
     started = datetime.now(timezone.utc)
     evaluator = Evaluator(evaluator_settings, f"recover-{subnet.config_hash()[:8]}")
-    student = extract(evaluator.model, subnet)
+    student = extract(evaluator.model, subnet, evaluator.input_norms)
     result = distil_subnet(evaluator, student, settings, data, Path(folder) / CHECKPOINT_DIR)
     save_recovered(student, subnet, evaluator.tokenizer, folder)
     measured = evaluator.measure(subnet, set(metrics), trained=student)

@@ -30,7 +30,8 @@ from prunetune.metrics import (
     ACCURACY_AVERAGE, COST_METRICS, LATENCY_METRICS, MEMORY_METRIC, PERPLEXITY_METRICS,
     SCREENED_METRICS, task_of, wants_accuracy,
 )
-from prunetune.search_spaces.spaces import preset_bounds
+from prunetune.search_spaces.spaces import SparsityGrid, preset_bounds
+from prunetune.search_spaces.subnet import SPARSITY_METHODS
 
 ALWAYS_PRODUCED = (*PERPLEXITY_METRICS, *COST_METRICS, MEMORY_METRIC)
 KNOWN_METRICS = (
@@ -123,6 +124,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class SparsitySpec(_Section):
+    """Weight sparsity as a search dimension (`prunetune.search_spaces.spaces.SparsityGrid`
+    holds its defaults): how weights are scored, the pattern, and the levels to choose
+    from (0 is always one)."""
+
+    method: Literal[SPARSITY_METHODS] = SparsityGrid.method
+    pattern: str = SparsityGrid.pattern
+    levels: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _grid_is_valid(self) -> "SparsitySpec":
+        try:
+            SparsityGrid.of(self.model_dump())
+        except ValueError as exc:
+            field, reason = str(exc).removeprefix("sparsity.").split(": ", 1)
+            raise _field_error(field, reason) from None
+        return self
+
+
 class SearchSpaceSpec(_Section):
     """The preset and its bounds (see `prunetune.search_spaces.spaces`)."""
 
@@ -131,6 +151,7 @@ class SearchSpaceSpec(_Section):
     min_ratio: float = Field(0.25, gt=0, le=1)
     neuron_step: int | None = Field(None, ge=1)
     embed_step: int | None = Field(None, ge=1)
+    sparsity: SparsitySpec | None = None
 
     @model_validator(mode="after")
     def _bounds_fit_preset(self) -> "SearchSpaceSpec":
@@ -145,9 +166,11 @@ class SearchSpaceSpec(_Section):
 
     @model_serializer(mode="wrap")
     def _dump_preset_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave out the bounds the preset does not take, so a dump loads back."""
+        """Leave out the bounds the preset does not take, and sparsity when off, so a dump
+        loads back and specs without sparsity dump as before."""
         accepted = preset_bounds(self.preset)
-        return {k: v for k, v in handler(self).items() if k == "preset" or k in accepted}
+        return {k: v for k, v in handler(self).items()
+                if k == "preset" or (k in accepted and not (k == "sparsity" and v is None))}
 
     def bounds(self) -> dict[str, Any]:
         """Keyword bounds for `make_space`: the preset's, unset ones left to its defaults."""
@@ -332,6 +355,22 @@ class Spec(_Section):
                 raise _field_error("evaluation.fidelity.rungs", f"{metric} is measured on "
                                    "tasks, not windows: multi-fidelity evaluation would measure "
                                    "it at every rung; leave the rungs out")
+        return self
+
+    @model_validator(mode="after")
+    def _sparsity_has_what_it_needs(self) -> "Spec":
+        sparsity = self.search_space.sparsity
+        if sparsity is None:
+            return self
+        if sparsity.method == "wanda" and self.evaluation.importance != "activation":
+            raise _field_error("search_space.sparsity.method",
+                               "wanda scores weights by the input norms of the activation "
+                               "calibration pass; set evaluation.importance: activation or "
+                               "use method: magnitude")
+        if self.resources.sharding != "none":
+            raise _field_error("search_space.sparsity",
+                               f"weight sparsity needs whole weights on one device; "
+                               f"sharding: {self.resources.sharding} splits them")
         return self
 
     @model_validator(mode="after")

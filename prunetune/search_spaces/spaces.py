@@ -22,6 +22,11 @@ Shared conventions of all presets:
   the first k. MLP neurons and embedding channels come in multiples of `neuron_step` and
   `embed_step` (the dense width is always allowed), which keeps matrix shapes friendly
   to GPU kernels.
+- Weight sparsity (optional, any preset, `sparsity=SparsityGrid(...)`): a level of the
+  grid for the kept layers' linear weights. `layers` and `uniform` have one level for
+  every kept layer (parameter `sparsity`), as they have one width; `per_layer` has one
+  per layer (`sparsity_i`), as it has its heads and neurons. Level 0 (dense weights) is
+  always a choice, so the dense model stays in every space.
 
 This module imports neither torch nor Ray at import time: `param_space` imports
 `ray.tune` when called.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
 import numbers
 import random
 from typing import Any, Callable, ClassVar, Mapping, Sequence
@@ -39,7 +45,9 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 
 from prunetune.search_spaces.dims import ModelDims
-from prunetune.search_spaces.subnet import SubnetConfig
+from prunetune.search_spaces.subnet import (
+    SPARSITY_METHODS, Sparsity, SubnetConfig, level_error, parse_pattern,
+)
 
 _PREFERRED_STEP = 64
 _MIN_GRID_POINTS = 8
@@ -114,6 +122,52 @@ def _domain(values: list[Any]) -> Any:
     return tune.choice(values)
 
 
+DEFAULT_UNSTRUCTURED_LEVELS = (0.0, 0.25, 0.5)
+"""The levels of an unstructured sparsity grid that names none."""
+
+
+@dataclass(frozen=True)
+class SparsityGrid:
+    """The weight sparsity a space may give its kept layers: one method and pattern, and
+    the levels to choose from (0 always among them; by default 0, 0.25 and 0.5 for
+    unstructured, 0 and 1 - N/M for N:M)."""
+
+    method: str = "wanda"
+    pattern: str = "unstructured"
+    levels: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPARSITY_METHODS:
+            raise ValueError(f"sparsity.method: must be one of {', '.join(SPARSITY_METHODS)}, "
+                             f"got {self.method!r}")
+        try:
+            n_m = parse_pattern(self.pattern)
+        except ValueError as exc:
+            raise ValueError(f"sparsity.pattern: {exc}") from None
+        if self.levels is None:
+            default = DEFAULT_UNSTRUCTURED_LEVELS if n_m is None else (1 - n_m[0] / n_m[1],)
+            levels = default
+        else:
+            levels = tuple(float(v) for v in self.levels)
+        for level in levels:
+            reason = level_error(self.pattern, level)
+            if reason:
+                raise ValueError(f"sparsity.levels: {level}: {reason}")
+        object.__setattr__(self, "levels", tuple(sorted({0.0, *levels})))
+
+    @classmethod
+    def of(cls, value: "SparsityGrid | Mapping[str, Any] | None") -> "SparsityGrid | None":
+        """A grid from itself, from its fields as a mapping (a spec's), or None."""
+        if value is None or isinstance(value, cls):
+            return value
+        return cls(**{k: tuple(v) if k == "levels" and v is not None else v
+                      for k, v in value.items()})
+
+    def sparsity(self, levels: Sequence[float]) -> Sparsity:
+        """The sub-network sparsity of one level per kept layer."""
+        return Sparsity(self.method, self.pattern, tuple(levels))
+
+
 class SearchSpace(ABC):
     """A preset's shared machinery: depth, layer order, and parameter grids.
 
@@ -122,6 +176,8 @@ class SearchSpace(ABC):
     """
 
     name: ClassVar[str]
+    per_layer_sparsity: ClassVar[bool] = False
+    """Whether each layer has its own sparsity level (`sparsity_i`) or all share one."""
 
     def __init__(
         self,
@@ -129,15 +185,60 @@ class SearchSpace(ABC):
         *,
         min_layers: int | None = None,
         layer_order: Sequence[int] | None = None,
+        sparsity: SparsityGrid | Mapping[str, Any] | None = None,
     ) -> None:
         self.dims = ModelDims.of(model_config)
         n = self.dims.num_layers
         self.min_layers = self._check_min_layers(min_layers, n)
         self.layer_order = self._check_layer_order(layer_order, n)
+        self.sparsity = SparsityGrid.of(sparsity)
         self._choices: dict[str, list[Any]] = {
             "depth": list(range(self.min_layers, n + 1)),
             **self._build_choices(),
+            **self._sparsity_choices(),
         }
+
+    def _sparsity_names(self) -> list[str]:
+        if self.sparsity is None:
+            return []
+        if self.per_layer_sparsity:
+            return [f"sparsity_{i}" for i in range(self.dims.num_layers)]
+        return ["sparsity"]
+
+    def _sparsity_choices(self) -> dict[str, list[Any]]:
+        return {name: list(self.sparsity.levels) for name in self._sparsity_names()}
+
+    def _with_sparsity(self, subnet: SubnetConfig, values: dict[str, Any]) -> SubnetConfig:
+        """`subnet` with the sparsity levels of `values` on its kept layers."""
+        if self.sparsity is None:
+            return subnet
+        names = ([f"sparsity_{i}" for i in subnet.layers] if self.per_layer_sparsity
+                 else ["sparsity"] * subnet.num_layers)
+        return replace(subnet, sparsity=self.sparsity.sparsity([values[n] for n in names]))
+
+    def _encode_sparsity(self, subnet: SubnetConfig) -> dict[str, Any]:
+        """The sparsity parameters of `subnet`; an error if this space cannot reach them."""
+        given = subnet.sparsity
+        if self.sparsity is None:
+            if given is not None:
+                raise self._error("cannot encode a sub-network with weight sparsity: this "
+                                  "space has none")
+            return {}
+        levels = given.levels if given else (0.0,) * subnet.num_layers
+        if given and (given.method, given.pattern) != (self.sparsity.method, self.sparsity.pattern):
+            raise self._error(f"cannot encode sparsity {given.method} {given.pattern}: this "
+                              f"space prunes weights by {self.sparsity.method} "
+                              f"{self.sparsity.pattern}")
+        if not self.per_layer_sparsity:
+            if len(set(levels)) > 1:
+                raise self._error(f"cannot encode sparsity levels {list(levels)}: this space "
+                                  "gives every kept layer the same level")
+            return {"sparsity": self._grid_value("sparsity", levels[0], "sparsity.levels[0]")}
+        encoded = {name: 0.0 for name in self._sparsity_names()}
+        for i, (layer, level) in enumerate(zip(subnet.layers, levels)):
+            encoded[f"sparsity_{layer}"] = self._grid_value(f"sparsity_{layer}", level,
+                                                            f"sparsity.levels[{i}]")
+        return encoded
 
     def _error(self, message: str) -> ValueError:
         return ValueError(f"{self.name} space: {message}")
@@ -233,7 +334,7 @@ class SearchSpace(ABC):
     def decode(self, trial_config: Mapping[str, Any]) -> SubnetConfig:
         """The validated sub-network of a trial config; keys of other parameters are ignored."""
         values = {name: self._read(trial_config, name) for name in self._choices}
-        return self._subnet(values).validate(self.dims)
+        return self._with_sparsity(self._subnet(values), values).validate(self.dims)
 
     def encode(self, subnet: SubnetConfig) -> dict[str, Any]:
         """The trial config that decodes to `subnet`; an error if this space cannot reach it."""
@@ -245,7 +346,8 @@ class SearchSpace(ABC):
                 f"of layer_order {list(self.layer_order)} for k in "
                 f"[{self.min_layers}, {self.dims.num_layers}]"
             )
-        return {"depth": depth, **self._encode_widths(subnet)}
+        return {"depth": depth, **self._encode_widths(replace(subnet, sparsity=None)),
+                **self._encode_sparsity(subnet)}
 
     def _read(self, trial_config: Mapping[str, Any], name: str) -> Any:
         if name not in trial_config:
@@ -262,7 +364,7 @@ class SearchSpace(ABC):
             f"{name} = {value!r} is not one of the allowed values {_describe(allowed)}"
         )
 
-    def _grid_value(self, name: str, value: int, field: str) -> int:
+    def _grid_value(self, name: str, value: Any, field: str) -> Any:
         if value not in self._choices[name]:
             raise self._error(
                 f"cannot encode {field} = {value}: allowed values are "
@@ -323,11 +425,12 @@ class UniformSpace(SearchSpace):
         ratio_step: float = 0.05,
         neuron_step: int | None = None,
         embed_step: int | None = None,
+        sparsity: SparsityGrid | Mapping[str, Any] | None = None,
     ) -> None:
         dims = ModelDims.of(model_config)
         self._set_width_bounds(dims, min_ratio, neuron_step, embed_step)
         self.ratio_step = self._check_ratio("ratio_step", ratio_step)
-        super().__init__(dims, min_layers=min_layers, layer_order=layer_order)
+        super().__init__(dims, min_layers=min_layers, layer_order=layer_order, sparsity=sparsity)
 
     def _build_choices(self) -> dict[str, list[Any]]:
         return {"ratio": ratio_grid(self.min_ratio, self.ratio_step)}
@@ -361,11 +464,12 @@ class PerLayerSpace(SearchSpace):
     """Depth, one embedding width, and independent head and neuron counts per layer.
 
     Parameters: `depth`, `embed`, and for every layer index i of the model `heads_i` and
-    `mlp_i`; decode reads the entries of the kept layers only (encode sets the others to
-    the dense width).
+    `mlp_i` (and `sparsity_i` with a sparsity grid); decode reads the entries of the kept
+    layers only (encode sets the others to the dense width).
     """
 
     name = "per_layer"
+    per_layer_sparsity = True
 
     def __init__(
         self,
@@ -376,10 +480,11 @@ class PerLayerSpace(SearchSpace):
         min_ratio: float = 0.25,
         neuron_step: int | None = None,
         embed_step: int | None = None,
+        sparsity: SparsityGrid | Mapping[str, Any] | None = None,
     ) -> None:
         dims = ModelDims.of(model_config)
         self._set_width_bounds(dims, min_ratio, neuron_step, embed_step)
-        super().__init__(dims, min_layers=min_layers, layer_order=layer_order)
+        super().__init__(dims, min_layers=min_layers, layer_order=layer_order, sparsity=sparsity)
 
     def _build_choices(self) -> dict[str, list[Any]]:
         d = self.dims

@@ -33,15 +33,23 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         return None
     match = _N_M.match(pattern)
     if match is None or not int(match["n"]) < int(match["m"]):
-        raise ValueError(f"sparsity.pattern: must be {UNSTRUCTURED!r} or 'N:M' with "
-                         f"0 < N < M (e.g. '2:4'), got {pattern!r}")
+        raise ValueError(f"must be {UNSTRUCTURED!r} or 'N:M' with 0 < N < M (e.g. '2:4'), "
+                         f"got {pattern!r}")
     return int(match["n"]), int(match["m"])
 
 
-def pattern_levels(pattern: str) -> tuple[float, ...]:
-    """The levels a pattern allows besides 0: any in [0, 1) for unstructured, 1 - N/M for N:M."""
+def level_error(pattern: str, level: float) -> str | None:
+    """Why `level` is not a level of `pattern` (a valid one), or None: unstructured takes
+    any level in [0, 1), N:M only 0 and 1 - N/M."""
+    if not 0 <= level < 1:
+        return "must be in [0, 1)"
     n_m = parse_pattern(pattern)
-    return () if n_m is None else (1 - n_m[0] / n_m[1],)
+    if n_m is None or level == 0:
+        return None
+    n_m_level = 1 - n_m[0] / n_m[1]
+    if abs(level - n_m_level) > _LEVEL_TOLERANCE:
+        return f"pattern {pattern} allows 0 or {n_m_level:g}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -85,16 +93,17 @@ class Sparsity:
         if self.method not in SPARSITY_METHODS:
             raise ValueError(f"sparsity.method: must be one of {', '.join(SPARSITY_METHODS)}, "
                              f"got {self.method!r}")
-        allowed = pattern_levels(self.pattern)
+        try:
+            parse_pattern(self.pattern)
+        except ValueError as exc:
+            raise ValueError(f"sparsity.pattern: {exc}") from None
         if len(self.levels) != kept_layers:
             raise ValueError(f"sparsity.levels: needs one entry per kept layer ({kept_layers}), "
                              f"got {len(self.levels)}")
         for i, level in enumerate(self.levels):
-            if not 0 <= level < 1:
-                raise ValueError(f"sparsity.levels[{i}] = {level}: must be in [0, 1)")
-            if allowed and level > 0 and abs(level - allowed[0]) > _LEVEL_TOLERANCE:
-                raise ValueError(f"sparsity.levels[{i}] = {level}: pattern {self.pattern} "
-                                 f"allows 0 or {allowed[0]:g}")
+            reason = level_error(self.pattern, level)
+            if reason:
+                raise ValueError(f"sparsity.levels[{i}] = {level}: {reason}")
         return self
 
 
