@@ -323,3 +323,33 @@ def test_a_cached_teacher_trains_the_student_as_the_live_top_k_teacher_does() ->
         distill(cache, cached, windows(), replace(settings, top_k=4))
     with pytest.raises(ValueError, match="teacher cache is of"):
         distill(cache, cached, windows(32), settings)
+
+
+SPARSE = SubnetConfig(layers=(0, 2), kv_heads=(1, 1), q_per_kv=(3, 3), mlp=(32, 32), embed=40,
+                      sparsity={"method": "wanda", "pattern": "2:4", "levels": (0.5, 0.0)})
+
+
+def sparse_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A sorted teacher and a student cut with Wanda 2:4 sparsity in its first layer."""
+    teacher = random_model(tiny_config(initializer_range=0.2), seed=1)
+    norms = permute_model(teacher, activation_scores(teacher, windows(4))).input_norms
+    return teacher, extract(teacher, SPARSE, norms)
+
+
+def test_distillation_keeps_the_pruned_weights_at_zero() -> None:
+    teacher, student = sparse_pair()
+    zeros = {n: p == 0 for n, p in student.named_parameters() if ".layers.0." in n and p.dim() == 2}
+    assert sum(int(z.sum()) for z in zeros.values()) > 0
+    result = distill(teacher, student, windows(), QUICK)
+    assert result.losses[-1] < result.losses[0]
+    for name, was_zero in zeros.items():
+        weight = student.get_parameter(name)
+        assert not weight[was_zero].any(), name
+        assert (weight[~was_zero] != 0).all(), name
+    assert (student.model.layers[1].mlp.up_proj.weight != 0).all(), "a dense layer stays dense"
+
+
+def test_lora_is_refused_for_a_sparse_student() -> None:
+    teacher, student = sparse_pair()
+    with pytest.raises(ValueError, match="lora_rank = 4: a student with weight sparsity"):
+        distill(teacher, student, windows(), replace(QUICK, lora_rank=4))

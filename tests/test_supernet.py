@@ -116,3 +116,14 @@ def test_super_network_training_needs_a_top_k() -> None:
     with pytest.raises(ValueError, match="distill.top_k"):
         train_supernet(*model_and_space(), random_windows(96, 8, 32),
                        DistillSettings(tokens=256, seq_len=32))
+
+
+def test_a_sparse_sub_network_gets_no_gradient_at_its_pruned_weights() -> None:
+    model = random_model(tiny_config(initializer_range=0.2), seed=1)
+    sparse = SubnetConfig(layers=(0,), kv_heads=(2,), q_per_kv=(3,), mlp=(64,), embed=48,
+                          sparsity={"method": "magnitude", "pattern": "2:4", "levels": (0.5,)})
+    model.zero_grad()
+    supernet_step(model, [sparse], random_windows(96, 2, 16), top_k=8)
+    up = model.model.layers[0].mlp.up_proj
+    groups = up.weight.grad.reshape(up.weight.shape[0], -1, 4)
+    assert (groups.count_nonzero(-1) <= 2).all() and groups.any()

@@ -358,7 +358,8 @@ def _train_supernet(args: argparse.Namespace) -> int:
     windows = training_windows(evaluator.tokenizer, args.data, settings.seq_len)
     out = Path(args.out)
     model = evaluator.model.float()
-    result = train_supernet(model, space, windows, settings, args.random, out / "checkpoint")
+    result = train_supernet(model, space, windows, settings, args.random, out / "checkpoint",
+                            evaluator.input_norms)
     model.to(evaluator.dtype).save_pretrained(out)
     evaluator.tokenizer.save_pretrained(out)
     print(f"trained the {spec.search_space.preset} space's super-network on {result.tokens:,} "

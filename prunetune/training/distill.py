@@ -8,6 +8,10 @@ accumulation and clipping, and bf16 autocast on GPU (float32 on CPU); every para
 trains, or LoRA adapters only (`lora`). With a checkpoint folder, a killed run started
 again with the same arguments resumes from its last checkpoint and trains on the same
 batches in the same order, so it ends where an uninterrupted run would.
+
+A student with weight sparsity (`extract` of a sub-network whose `sparsity` is set) keeps
+its pruned weights at zero: `train_step`, the step every trainer shares, holds them
+(`hold_sparsity`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from prunetune.evaluators.perplexity import model_device
+from prunetune.search_spaces.dims import adapter_for
 from prunetune.training.checkpoint import Progress, load_checkpoint, run_identity, save_checkpoint
 from prunetune.training.data import window_indices
 from prunetune.training.loss import distill_loss_sum
@@ -143,6 +148,10 @@ def check_inputs(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: 
     if isinstance(teacher, TeacherTopK):
         check_cache(teacher, windows, settings)
         return
+    if settings.lora_rank and student_sparsity_levels(student):
+        raise ValueError(f"lora_rank = {settings.lora_rank}: a student with weight sparsity "
+                         "trains without LoRA (merged adapters would fill its zeros); set "
+                         "lora_rank: 0")
     vocab = (teacher.config.vocab_size, student.config.vocab_size)
     if vocab[0] != vocab[1]:
         raise ValueError(f"teacher and student have other vocabularies: vocab_size "
@@ -184,6 +193,7 @@ def train_step(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: to
     engine, which averages the ranks' gradients, on several). Returns this rank's loss
     (mean per predicted token), detached; the caller clips and steps.
     """
+    hold_sparsity(student)
     device = model_device(student)
     index = window_indices(len(windows), settings.seed, position, settings.windows_per_step)
     mine = index[rank::world]
@@ -196,6 +206,50 @@ def train_step(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: to
         backward(loss)
         total += loss.detach()
     return total
+
+
+HELD_ZEROS = "prunetune_held_zeros"
+"""The attribute of a student whose pruned weights `hold_sparsity` holds at zero."""
+
+
+def student_sparsity_levels(student: nn.Module) -> tuple[float, ...]:
+    """The sparsity level of each layer of an extracted student (empty when dense)."""
+    subnet = getattr(student, "prunetune_subnet", None)
+    return subnet.sparsity.levels if subnet is not None and subnet.sparsity else ()
+
+
+def hold_sparsity(student: nn.Module) -> None:
+    """Keep the pruned weights of a sparse student at zero while it trains.
+
+    On the student's first step, every trainable linear weight of a sparse layer gets a
+    gradient hook that zeroes the gradient where the weight is zero. AdamW then never
+    moves those weights: their moments stay zero, and decoupled weight decay scales a zero.
+    The hook acts before any optimizer or DeepSpeed sees the gradient; under ZeRO-3 the
+    zero pattern is read from the gathered weight. Later calls do nothing.
+    """
+    if getattr(student, HELD_ZEROS, False):
+        return
+    a = adapter_for(student)
+    for layer, level in zip(student.get_submodule(a.layers), student_sparsity_levels(student)):
+        if level <= 0:
+            continue
+        for parent, names in ((a.attn, (a.q, a.k, a.v, a.o)), (a.mlp, (a.gate, a.up, a.down))):
+            for name in names:
+                weight = layer.get_submodule(parent).get_submodule(name).weight
+                if weight.requires_grad:
+                    kept = ~zero_pattern(weight)
+                    weight.register_hook(lambda grad, kept=kept: grad * kept.to(grad.device))
+    setattr(student, HELD_ZEROS, True)
+
+
+def zero_pattern(weight: torch.Tensor) -> torch.Tensor:
+    """Where `weight` is zero, read whole (gathered first when ZeRO-3 partitions it)."""
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return weight.detach() == 0
+    return weight.detach() == 0
 
 
 def micro_loss(teacher: nn.Module | TeacherTopK, student: nn.Module, ids: torch.Tensor,

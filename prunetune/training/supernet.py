@@ -6,7 +6,10 @@ A step runs, on one batch of windows: the space's largest sub-network with the
 language-modelling loss, and the smallest and `random_count` uniformly drawn ones
 distilled in place from the largest (KL to its top-k next-token distribution, taken before
 the step's update, as `teacher.TeacherTopK`). Each sub-network is the resident model under
-`surgery.apply_masks`, exact and reversible, so gradients reach only the weights it keeps.
+`surgery.apply_masks`, exact and reversible, so gradients reach only the weights it keeps
+(weight sparsity too: a sparse sub-network's mask multiplies its weights in the forward,
+so its pruned weights get no gradient from it, and its mask follows the weights as they
+train).
 Windows, optimizer, schedule, progress and checkpoints are those of `distill`
 (`train_supernet`).
 """
@@ -21,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from prunetune.evaluators.importance import InputNorms
 from prunetune.evaluators.perplexity import model_device, nll_sum
 from prunetune.evaluators.surgery import apply_masks
 from prunetune.search_spaces.spaces import SearchSpace
@@ -51,15 +55,17 @@ def sandwich(space: SearchSpace, rng: random.Random, random_count: int) -> list[
 
 def supernet_step(model: nn.Module, subnets: list[SubnetConfig], ids: torch.Tensor,
                   top_k: int, temperature: float = 1.0,
-                  backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> float:
+                  backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward,
+                  input_norms: InputNorms | None = None) -> float:
     """Forward and backward passes of one sandwich step on windows `ids`: `subnets[0]` (the
     largest) learns the text, every other one its top-`top_k` distribution. Each loss is a
     mean per predicted token and goes to `backward` at once (one sub-network's activations
-    at a time); returns their sum. The caller steps the optimizer."""
+    at a time); returns their sum. The caller steps the optimizer. `input_norms` are the
+    Wanda norms of a space with Wanda sparsity."""
     device = model_device(model)
     predicted = ids[:, 1:].numel()
     largest, *others = subnets
-    with apply_masks(model, largest) as masked:
+    with apply_masks(model, largest, input_norms=input_norms) as masked:
         teacher = teacher_top_k(masked, ids, top_k, batch=len(ids), store=device)
         model.train()
         with autocast(device):
@@ -68,7 +74,7 @@ def supernet_step(model: nn.Module, subnets: list[SubnetConfig], ids: torch.Tens
     total = loss.item()
     rows = teacher.rows(torch.arange(len(ids)), device)
     for subnet in others:
-        with apply_masks(model, subnet) as masked, autocast(device):
+        with apply_masks(model, subnet, input_norms=input_norms) as masked, autocast(device):
             loss = distill_loss_sum(None, masked, ids, temperature, top_k,
                                     teacher_top=rows) / predicted
         backward(loss)
@@ -83,13 +89,15 @@ def autocast(device: torch.device) -> Any:
 
 def train_supernet(model: nn.Module, space: SearchSpace, windows: torch.Tensor,
                    settings: DistillSettings, random_count: int = 2,
-                   checkpoint_dir: str | Path | None = None) -> DistillResult:
+                   checkpoint_dir: str | Path | None = None,
+                   input_norms: InputNorms | None = None) -> DistillResult:
     """Train `model` in place as a super-network of `space` on `windows` `[n, seq_len]`.
 
     Each optimizer step takes `settings.windows_per_step` windows in `distill`'s seeded
     order, in micro-batches, and trains the sandwich of that step (drawn from the seed and
     the step, so a resumed run draws the same) with `supernet_step`; `settings.top_k` is
-    the size of the largest sub-network's distribution the others learn. AdamW, warmup
+    the size of the largest sub-network's distribution the others learn; `input_norms`
+    are the sorted model's, for a space with Wanda sparsity. AdamW, warmup
     and cosine decay, clipping, checkpoints and resume as in `distill`.
     """
     start = time.perf_counter()
@@ -123,7 +131,8 @@ def train_supernet(model: nn.Module, space: SearchSpace, windows: torch.Tensor,
                     share = len(micro) / len(index)
                     loss += share * supernet_step(
                         model, subnets, windows[micro].to(device), settings.top_k,
-                        settings.temperature, backward=lambda part: (share * part).backward())
+                        settings.temperature, backward=lambda part: (share * part).backward(),
+                        input_norms=input_norms)
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
