@@ -234,3 +234,44 @@ def test_export_keeps_the_zeros_and_records_the_sparsity(tmp_path, uniform) -> N
     if uniform:
         plain = AutoModelForCausalLM.from_pretrained(out)
         assert nonzero(plain) == count_nonzero_params(model.config, subnet)
+
+
+@pytest.mark.parametrize("mode,pattern", [("masked", "2:4"), ("extracted", "unstructured")])
+def test_a_sparse_search_runs_end_to_end_and_exports(tmp_path, smollm2_tokenizer, mode,
+                                                     pattern) -> None:
+    import ray
+
+    from prunetune.orchestrator.cli import main, merged_front
+    from prunetune.orchestrator.results import ResultLog
+
+    model_dir = tmp_path / "model"
+    random_model(tiny_config("llama", vocab_size=49152, num_hidden_layers=4), seed=5).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"""
+model: {model_dir}
+run_dir: {tmp_path / 'run'}
+search_space: {{preset: per_layer, min_ratio: 0.5, sparsity: {{method: wanda, pattern: '{pattern}'}}}}
+objectives: {{perplexity: min, nonzero_params: min}}
+constraints: ["nonzero_params <= 0.9 * dense"]
+algorithm: {{name: random, num_samples: 4, seed: 1}}
+evaluation: {{seq_len: 32, windows: 2, batch_size: 2, calibration_samples: 2, mode: {mode}}}
+""")
+    try:
+        assert main(["search", str(spec)]) == 0
+    finally:
+        ray.shutdown()
+    rows = ResultLog(str(tmp_path / "run")).read()
+    assert (rows["status"] != "failed").all() and rows["perplexity"].notna().any()
+    dense = rows[rows["trial_id"] == "dense"].iloc[0]
+    assert dense["nonzero_params"] == dense["params"]
+    trials = rows[(rows["trial_id"] != "dense") & (rows["status"] == "ok")]
+    assert len(trials) and (trials["nonzero_params"] <= 0.9 * dense["nonzero_params"]).all()
+    _, front, _ = merged_front([str(tmp_path / "run")])
+    pick = int(front["nonzero_params"].to_numpy().argmin())
+    out = tmp_path / "x"
+    assert main(["export", str(tmp_path / "run"), "--pick", str(pick), "--out", str(out)]) == 0
+    subnet = SubnetConfig.from_json(front.iloc[pick]["config_json"])
+    loaded = load_pruned(out)
+    assert nonzero(loaded) == front.iloc[pick]["nonzero_params"]
+    assert getattr(loaded.config, SPARSITY_CONFIG_KEY) == subnet.sparsity.to_dict()
