@@ -13,7 +13,13 @@ The sub-networks keep every layer and the embedding width, and cut each layer's 
 (query heads with them: query heads per group are kept), and MLP neurons by one ratio,
 chosen so that the parameters come closest to the target share.
 
+With `--sparsity` it measures 2:4 weight sparsity instead: the dense model, the dense
+shapes with every layer's linear weights 2:4 sparse (`torch.sparse.to_sparse_semi_structured`,
+as `latency_model` builds them for the latency metric), and the structural sub-network
+whose parameters come closest to the 2:4 model's nonzero parameters.
+
     python benchmarks/latency.py [--prompt 128] [--decode 32] [--batch 1] [--out results/latency.json]
+    python benchmarks/latency.py --sparsity [--out results/latency-2of4.json]
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from typing import Any
 
 import torch
 
-from prunetune.evaluators.latency import measure_latency
+from prunetune.evaluators.latency import latency_model, measure_latency
 from prunetune.evaluators.settings import LatencySettings
-from prunetune.evaluators.surgery import random_subnet_model
 from prunetune.search_spaces import SubnetConfig
-from prunetune.search_spaces.cost import count_params, kv_cache_bytes_per_token
+from prunetune.search_spaces.cost import (
+    count_nonzero_params, count_params, kv_cache_bytes_per_token,
+)
+from prunetune.search_spaces.subnet import Sparsity
 
 LLAMA3_8B = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "configs" / "llama3-8b.json"
 TARGETS = (1.0, 0.75, 0.5)
@@ -69,9 +77,27 @@ def width_subnet(config: Any, fraction: float) -> SubnetConfig:
     return min(candidates, key=lambda s: abs(count_params(config, s) / dense - fraction))
 
 
+def width_targets(config: Any) -> list[tuple[str, SubnetConfig]]:
+    """Dense, and the width-pruned sub-networks closest to each share of `TARGETS`."""
+    return [(f"{target:.0%} params", SubnetConfig.dense(config) if target == 1.0
+             else width_subnet(config, target)) for target in TARGETS]
+
+
+def sparsity_targets(config: Any) -> list[tuple[str, SubnetConfig]]:
+    """Dense, the dense shapes 2:4 sparse in every layer, and the structural sub-network
+    whose parameters come closest to the 2:4 model's nonzero parameters."""
+    dense = SubnetConfig.dense(config)
+    two_four = SubnetConfig(**{**dense.to_dict(), "sparsity": Sparsity(
+        "magnitude", "2:4", (0.5,) * dense.num_layers)})
+    fraction = count_nonzero_params(config, two_four) / count_params(config, dense)
+    return [("dense", dense), ("2:4 every layer", two_four),
+            (f"structural, {fraction:.0%} params", width_subnet(config, fraction))]
+
+
 def floor_ms(config: Any, subnet: SubnetConfig, settings: LatencySettings,
              bandwidth: float, dtype_bytes: int = 2) -> float:
-    """Milliseconds to read what one decode step must read, at `bandwidth` bytes/s."""
+    """Milliseconds to read what one decode step must read, at `bandwidth` bytes/s (dense
+    storage; a 2:4 weight stores half its values plus metadata)."""
     weights = count_params(config, subnet) - config.vocab_size * subnet.embed
     cache_tokens = settings.batch_size * (settings.prompt_tokens + settings.decode_tokens)
     kv = kv_cache_bytes_per_token(config, subnet, dtype_bytes) * cache_tokens
@@ -81,7 +107,7 @@ def floor_ms(config: Any, subnet: SubnetConfig, settings: LatencySettings,
 def measure(config: Any, subnet: SubnetConfig, settings: LatencySettings) -> dict[str, Any]:
     """Both modes on one random-weight model of the sub-network's shapes, each with its
     wall time (model, cache, capture and every timed run: what a search pays per shape)."""
-    model = random_subnet_model(config, subnet, torch.bfloat16, "cuda")
+    model = latency_model(config, subnet, torch.bfloat16, "cuda")
     out: dict[str, Any] = {}
     for mode in MODES:
         start = time.perf_counter()
@@ -100,6 +126,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--sparsity", action="store_true",
+                        help="dense, 2:4 sparse and structural at equal nonzero parameters")
     args = parser.parse_args()
     from transformers import AutoConfig
 
@@ -112,22 +140,24 @@ def main() -> None:
           f"batch {args.batch}, prompt {args.prompt}, {args.decode} decoded tokens, "
           f"median of {args.repeats} runs after 2 warm-ups", flush=True)
     rows = []
-    for target in TARGETS:
-        subnet = SubnetConfig.dense(config) if target == 1.0 else width_subnet(config, target)
+    for label, subnet in (sparsity_targets if args.sparsity else width_targets)(config):
         params = count_params(config, subnet)
-        row = {"target": target, "params": params, "params_fraction": params / dense_params,
+        nonzero = count_nonzero_params(config, subnet)
+        row = {"label": label, "params": params, "params_fraction": params / dense_params,
+               "nonzero_params": nonzero, "nonzero_fraction": nonzero / dense_params,
                "subnet": subnet.to_dict(), "floor_ms": floor_ms(config, subnet, settings, bandwidth),
                **measure(config, subnet, settings)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     dense_graph = rows[0]["graph"]["latency_decode_ms"]
-    print("\n| params | KV heads, q/KV, MLP, embed (every layer) | eager ms/token | graph ms/token "
-          "| floor ms | graph / floor | dense / graph | prefill eager / graph ms | graph s/shape |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | params (nonzero) | KV heads, q/KV, MLP, embed (every layer) | eager ms/token "
+          "| graph ms/token | floor ms | graph / floor | dense / graph | prefill eager / graph ms "
+          "| graph s/shape |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         s, eager, graph = row["subnet"], row["eager"], row["graph"]
         decode = graph["latency_decode_ms"]
-        print(f"| {row['params'] / 1e9:.2f} B ({row['params_fraction']:.0%}) "
+        print(f"| {row['label']} | {row['params'] / 1e9:.2f} B ({row['nonzero_fraction']:.0%}) "
               f"| {s['kv_heads'][0]}, {s['q_per_kv'][0]}, {s['mlp'][0]}, {s['embed']} "
               f"| {eager['latency_decode_ms']:.2f} | {decode:.2f} "
               f"[{graph['latency_decode_min_ms']:.2f}–{graph['latency_decode_max_ms']:.2f}] "

@@ -15,8 +15,15 @@ calibrated on the validation split too; every reported number is measured afterw
 test windows, so no point is picked on the data it is scored on. Prints a Markdown table,
 and writes quality.png (perplexity vs parameters) and quality.json to --out.
 
+With `--sparsity` it measures weight sparsity instead (no search): the dense shapes with
+50% unstructured and 2:4 sparsity in every layer (Wanda and magnitude), against the
+structural recipes at the same nonzero parameters (each recipe's largest sub-network
+whose parameters do not exceed the sparse model's nonzero ones), on the same test
+windows and PIQA items; it prints a table and writes sparsity.json to --out.
+
     python benchmarks/quality.py [--quick] [--presets per_layer uniform]
                                  [--no-importance-presets per_layer] [--trials 150]
+    python benchmarks/quality.py --sparsity [--quick] [--test-windows 32] [--task-limit 200]
 """
 
 from __future__ import annotations
@@ -37,13 +44,19 @@ from prunetune.evaluators.settings import EvaluatorSettings
 from prunetune.orchestrator.baselines import BASELINE_IMPORTANCE, BASELINES, baseline_subnets
 from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.search import run_search
-from prunetune.search_spaces.cost import count_params
-from prunetune.search_spaces.subnet import SubnetConfig
+from prunetune.search_spaces.cost import count_nonzero_params, count_params
+from prunetune.search_spaces.subnet import Sparsity, SubnetConfig
 
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 SEQ_LEN = 256
 CALIBRATION = "wikitext2:valid"
 CALIBRATION_SAMPLES = 8
+SPARSE_RECIPES = (("wanda", "unstructured"), ("wanda", "2:4"), ("magnitude", "unstructured"),
+                  ("magnitude", "2:4"))
+"""Weight-sparsity recipes compared, each at 50% of every kept linear weight."""
+SPARSE_LEVEL = 0.5
+STRUCTURAL_AT_EQUAL_NONZERO = ("uniform-activation", "mlp-only", "layer-drop")
+"""The structural recipes the sparse models are compared with at equal nonzero parameters."""
 
 
 @dataclass
@@ -63,6 +76,7 @@ class Options:
     quick: bool = False
     seed: int = 0
     budgets: tuple[float, ...] = BUDGETS
+    sparsity: bool = False
 
 
 @dataclass
@@ -111,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help="test windows of 256 tokens each reported point is scored on")
     p.add_argument("--task-limit", type=int, default=None, help="PIQA items scored")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sparsity", action="store_true",
+                   help="compare 50%% unstructured and 2:4 weight sparsity with the structural "
+                        "recipes at equal nonzero parameters (no search)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                    help="where quality.png and quality.json go (default: benchmarks/)")
     p.add_argument("--run-root", type=Path, default=Path("runs/quality"),
@@ -127,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         search_windows=a.search_windows or (2 if quick else 8),
         test_windows=a.test_windows or (2 if quick else 32),
         task_limit=a.task_limit or (20 if quick else 200),
-        out=a.out, run_root=a.run_root, quick=quick, seed=a.seed,
+        out=a.out, run_root=a.run_root, quick=quick, seed=a.seed, sparsity=a.sparsity,
     )
 
 
@@ -182,7 +199,8 @@ def measure(evaluator: Evaluator, method: str, budget: float | None,
     if result["status"] != "ok":
         raise RuntimeError(f"{method} at budget {budget}: evaluation failed: {result['error']}")
     return Measured(method, budget, subnet, int(result["params"]), float(result["perplexity"]),
-                    float(result["acc_piqa"]), {"eval_seconds": result["eval_seconds"]})
+                    float(result["acc_piqa"]), {"eval_seconds": result["eval_seconds"],
+                                                "nonzero_params": int(result["nonzero_params"])})
 
 
 def planned_points(opts: Options, searches: list[SearchRun], model_config: Any,
@@ -221,6 +239,74 @@ def evaluate_plan(opts: Options, plan: dict[str, list[tuple[str, float | None, S
         del evaluator
         gc.collect()
     return measured
+
+
+def sparse_recipe(model_config: Any, method: str, pattern: str,
+                  level: float = SPARSE_LEVEL) -> SubnetConfig:
+    """The dense shapes with `level` weight sparsity of `method` and `pattern` in every layer."""
+    dense = SubnetConfig.dense(model_config)
+    return SubnetConfig(**{**dense.to_dict(), "sparsity": Sparsity(
+        method, pattern, (level,) * dense.num_layers)})
+
+
+def sparsity_plan(model_config: Any, layer_order: list[int]
+                  ) -> dict[str, list[tuple[str, float | None, SubnetConfig]]]:
+    """The sparse recipes, and each structural recipe at the nonzero fraction of dense
+    parameters they keep (its budget), grouped by the importance each is evaluated with.
+    Sparse sub-networks are cut from the activation-sorted model, as a search cuts them."""
+    dense_params = count_params(model_config, SubnetConfig.dense(model_config))
+    plan: dict[str, list[tuple[str, float | None, SubnetConfig]]] = {
+        "activation": [("dense", None, SubnetConfig.dense(model_config))]}
+    budgets = set()
+    for method, pattern in SPARSE_RECIPES:
+        subnet = sparse_recipe(model_config, method, pattern)
+        budget = count_nonzero_params(model_config, subnet) / dense_params
+        budgets.add(budget)
+        plan["activation"].append((f"{method} {pattern} 50%", budget, subnet))
+    for name in STRUCTURAL_AT_EQUAL_NONZERO:
+        subnets = baseline_subnets(name, model_config, layer_order, sorted(budgets))
+        plan.setdefault(BASELINE_IMPORTANCE[name], []).extend(
+            (name, b, s) for b, s in zip(sorted(budgets), subnets))
+    return plan
+
+
+def sparsity_table(measured: list[Measured], dense_params: int) -> str:
+    """One row per method: params and nonzero params (% dense), test perplexity, PIQA."""
+    lines = ["| method | params (% dense) | nonzero params (% dense) | shape (layers, mean "
+             "heads, mean neurons, embed) | WikiText-2 ppl | PIQA acc |",
+             "|---|---|---|---|---|---|"]
+    for m in sorted(measured, key=lambda m: (m.budget is not None, m.perplexity)):
+        nonzero = m.extra["nonzero_params"]
+        lines.append(f"| {m.method} | {100 * m.params / dense_params:.1f} | "
+                     f"{100 * nonzero / dense_params:.1f} | {_shape(m.subnet)} | "
+                     f"{m.perplexity:.2f} | {m.acc_piqa:.3f} |")
+    return "\n".join(lines)
+
+
+def compare_sparsity(opts: Options) -> None:
+    """Measure the sparse recipes against the structural ones at equal nonzero parameters."""
+    start = time.perf_counter()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    probe = Evaluator(report_settings(opts, "activation"), "report-layer-order")
+    info = probe.info()
+    del probe
+    gc.collect()
+    model_config = info["model_config"]
+    dense_params = count_params(model_config, SubnetConfig.dense(model_config))
+    measured = evaluate_plan(opts, sparsity_plan(model_config, info["layer_order"]))
+    seconds = time.perf_counter() - start
+    record = {"seconds": seconds, "test_windows": opts.test_windows, "seq_len": SEQ_LEN,
+              "task_limit": opts.task_limit,
+              "points": [{"method": m.method, "params": m.params,
+                          "nonzero_params": m.extra["nonzero_params"],
+                          "perplexity": m.perplexity, "acc_piqa": m.acc_piqa,
+                          "subnet": m.subnet.to_dict()} for m in measured]}
+    (opts.out / "sparsity.json").write_text(json.dumps(record, indent=2) + "\n")
+    print()
+    print(sparsity_table(measured, dense_params))
+    print(f"total: {seconds / 60:.1f} min; WikiText-2 test: {opts.test_windows} windows of "
+          f"{SEQ_LEN} tokens; PIQA: first {opts.task_limit} validation items")
+    print(f"wrote {opts.out / 'sparsity.json'}")
 
 
 def _shape(subnet: SubnetConfig) -> str:
@@ -315,6 +401,9 @@ def search_record(searches: list[SearchRun]) -> tuple[list[int], dict[str, Any]]
 
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
+    if opts.sparsity:
+        compare_sparsity(opts)
+        return
     start = time.perf_counter()
     opts.out.mkdir(parents=True, exist_ok=True)
     searches = []

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from prunetune.evaluators.latency import (
-    DecodeGraph, LatencyCache, latency_mode, prefill_greedy, shape_key, subnet_latency,
+    DecodeGraph, LatencyCache, latency_mode, latency_model, prefill_greedy, prune_2_4_,
+    semi_structured_layers, semi_structured_linears, shape_key, subnet_latency,
 )
 from prunetune.evaluators.model import random_model, tiny_config
 from prunetune.evaluators.settings import LatencySettings
@@ -109,3 +110,71 @@ def test_graph_latency_on_a_gpu() -> None:
     result = subnet_latency(tiny_config("llama"), SUBNET, SMALL, "cuda", torch.bfloat16, cache)
     _assert_latency_metrics(result)
     assert json.loads(next(iter(cache.results)))["settings"]["mode"] == "graph"
+
+
+TWO_FOUR = SubnetConfig(layers=(0, 1, 2), kv_heads=(2, 2, 2), q_per_kv=(2, 2, 2), mlp=(128, 128, 64),
+                        embed=64, sparsity={"method": "wanda", "pattern": "2:4",
+                                            "levels": (0.5, 0.0, 0.5)})
+WIDE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16)
+
+
+def test_2_4_layers_run_semi_structured_on_a_gpu_only() -> None:
+    assert semi_structured_layers(TWO_FOUR, "cpu") == [False] * 3
+    assert semi_structured_layers(TWO_FOUR, "cuda") == [True, False, True]
+    unstructured = SubnetConfig(**{**TWO_FOUR.to_dict(), "sparsity": {
+        "method": "wanda", "pattern": "unstructured", "levels": (0.5, 0.5, 0.5)}})
+    assert semi_structured_layers(unstructured, "cuda") == [False] * 3
+    dense = SubnetConfig(**{**TWO_FOUR.to_dict(), "sparsity": None})
+    assert shape_key(TWO_FOUR, SMALL, "cuda", torch.bfloat16) != shape_key(dense, SMALL, "cuda", torch.bfloat16)
+    assert shape_key(TWO_FOUR, SMALL, "cpu", torch.float32) == shape_key(dense, SMALL, "cpu", torch.float32)
+
+
+def test_the_2_4_linears_are_those_of_sparse_layers_whose_shapes_fit() -> None:
+    model = random_subnet_model(tiny_config("llama", **WIDE), TWO_FOUR, torch.bfloat16, "cpu")
+    linears = semi_structured_linears(model, [True, False, True])
+    layers = model.model.layers
+    expected = [layers[i].get_submodule(path) for i in (0, 2) for path in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert linears == expected
+    narrow = random_subnet_model(tiny_config("llama"), SUBNET, torch.bfloat16, "cpu")
+    fitting = semi_structured_linears(narrow, [True, True])
+    assert [tuple(l.weight.shape) for l in fitting] == [(32, 64)], "only down_proj of layer 2 fits"
+
+
+def test_prune_2_4_leaves_two_of_every_four() -> None:
+    linear = torch.nn.Linear(64, 32)
+    prune_2_4_(linear)
+    assert (linear.weight.reshape(32, -1, 4).count_nonzero(-1) == 2).all()
+
+
+def test_the_latency_model_on_cpu_keeps_dense_weights() -> None:
+    model = latency_model(tiny_config("llama", **WIDE), TWO_FOUR, torch.float32, "cpu")
+    assert all(p.count_nonzero() == p.numel() for p in model.parameters() if p.dim() == 2)
+
+
+def test_the_2_4_latency_benchmark_compares_at_equal_nonzero_parameters() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from prunetune.search_spaces.cost import count_nonzero_params, count_params
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "latency.py"
+    spec = importlib.util.spec_from_file_location("latency_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = AutoConfig.from_pretrained(str(bench.LLAMA3_8B))
+    (_, dense), (_, two_four), (_, structural) = bench.sparsity_targets(config)
+    assert two_four.sparsity.pattern == "2:4" and structural.sparsity is None
+    nonzero = count_nonzero_params(config, two_four)
+    assert count_params(config, two_four) == count_params(config, dense)
+    assert abs(count_params(config, structural) - nonzero) < 0.02 * count_params(config, dense)
+
+
+@needs_cuda
+def test_2_4_latency_runs_semi_structured_on_a_gpu() -> None:
+    result = subnet_latency(tiny_config("llama", **WIDE), TWO_FOUR, SMALL, "cuda", torch.bfloat16)
+    _assert_latency_metrics(result)

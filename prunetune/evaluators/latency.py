@@ -20,6 +20,11 @@ Two modes (`LatencySettings.mode`), each cached under its own key:
   runs on CPU, and wherever graph mode cannot (`latency_mode`).
 
 Times are CUDA events on a GPU, wall time on CPU, in milliseconds.
+
+Weight sparsity changes no shape, and unstructured zeros run at dense speed, so it leaves
+latency alone, except 2:4 on a GPU: there the linear weights of every 2:4 layer are pruned
+2:4 and stored as `torch.sparse.to_sparse_semi_structured` tensors (sparse tensor-core
+kernels), and the result is cached under the layers' pattern too (`semi_structured_layers`).
 """
 
 from __future__ import annotations
@@ -35,10 +40,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from prunetune.evaluators.importance import magnitude_weight_scores
 from prunetune.evaluators.model import cache_dir
 from prunetune.evaluators.settings import LatencySettings
-from prunetune.evaluators.surgery import random_subnet_model
+from prunetune.evaluators.surgery import n_m_keep, random_subnet_model
+from prunetune.search_spaces.dims import adapter_for
 from prunetune.search_spaces.subnet import SubnetConfig
+
+SEMI_STRUCTURED = (2, 4)
+"""The N:M pattern the GPU's sparse tensor cores run."""
+SEMI_STRUCTURED_MULTIPLES = {torch.float16: (32, 64), torch.bfloat16: (32, 64),
+                             torch.float32: (32, 32)}
+"""(rows, columns) a weight's shape must be a multiple of to be stored semi-structured."""
 
 
 class _Timer:
@@ -182,13 +195,74 @@ class DecodeGraph:
             self.graph.replay()
 
 
+def semi_structured_layers(subnet: SubnetConfig, device: torch.device | str) -> list[bool]:
+    """Per kept layer, whether its linear weights run 2:4 sparse: on a CUDA device, in the
+    layers a 2:4 sparsity prunes; nowhere else (other patterns run at dense speed)."""
+    sparsity = subnet.sparsity
+    if (torch.device(device).type != "cuda" or sparsity is None
+            or sparsity.n_m != SEMI_STRUCTURED):
+        return [False] * subnet.num_layers
+    return [level > 0 for level in sparsity.levels]
+
+
+def semi_structured_linears(model: nn.Module, sparse_layers: list[bool]) -> list[nn.Linear]:
+    """The q, k, v, o, gate, up and down projections of the layers marked in
+    `sparse_layers` whose shapes sparse tensor cores take (others stay dense)."""
+    a = adapter_for(model)
+    linears = []
+    for layer, sparse in zip(model.get_submodule(a.layers), sparse_layers):
+        if not sparse:
+            continue
+        for parent, names in ((a.attn, (a.q, a.k, a.v, a.o)), (a.mlp, (a.gate, a.up, a.down))):
+            for name in names:
+                linear = layer.get_submodule(parent).get_submodule(name)
+                rows, cols = SEMI_STRUCTURED_MULTIPLES.get(linear.weight.dtype, (0, 0))
+                out_f, in_f = linear.weight.shape
+                if rows and out_f % rows == 0 and in_f % cols == 0:
+                    linears.append(linear)
+    return linears
+
+
+@torch.no_grad()
+def prune_2_4_(linear: nn.Linear) -> None:
+    """Zero the 2 smallest-magnitude weights of every 4 consecutive inputs, in place."""
+    keep = n_m_keep(magnitude_weight_scores(linear.weight), *SEMI_STRUCTURED)
+    linear.weight.mul_(keep.to(linear.weight.dtype))
+
+
+def to_semi_structured_(linears: list[nn.Linear]) -> None:
+    """Store each (2:4-pruned) weight as a semi-structured sparse tensor (CUDA only)."""
+    from torch.sparse import to_sparse_semi_structured
+
+    for linear in linears:
+        linear.weight = nn.Parameter(to_sparse_semi_structured(linear.weight),
+                                     requires_grad=False)
+
+
+def latency_model(model_config: Any, subnet: SubnetConfig, dtype: torch.dtype,
+                  device: torch.device | str) -> nn.Module:
+    """Random weights of the sub-network's shapes on `device`, with its 2:4 layers pruned
+    2:4 and stored semi-structured where they run so (`semi_structured_layers`)."""
+    model = random_subnet_model(model_config, subnet, dtype, device)
+    linears = semi_structured_linears(model, semi_structured_layers(subnet, device))
+    for linear in linears:
+        prune_2_4_(linear)
+    if linears:
+        to_semi_structured_(linears)
+    return model
+
+
 def shape_key(subnet: SubnetConfig, settings: LatencySettings, device: torch.device | str,
               dtype: torch.dtype) -> str:
     """What latency depends on: widths of the kept layers, embed, settings (the mode among
-    them), device, dtype."""
+    them), device, dtype, and which kept layers run 2:4 sparse (named only when any does)."""
     widths = list(zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp))
-    return json.dumps({"widths": widths, "embed": subnet.embed, "settings": asdict(settings),
-                       "device": str(device), "dtype": str(dtype)}, sort_keys=True)
+    key: dict[str, Any] = {"widths": widths, "embed": subnet.embed, "settings": asdict(settings),
+                           "device": str(device), "dtype": str(dtype)}
+    sparse = semi_structured_layers(subnet, device)
+    if any(sparse):
+        key["semi_structured"] = sparse
+    return json.dumps(key, sort_keys=True)
 
 
 def latency_cache_file() -> Path:
@@ -227,7 +301,7 @@ def subnet_latency(model_config: Any, subnet: SubnetConfig, settings: LatencySet
     The result is cached under the mode that ran (`latency_mode`), not the one asked for.
     """
     def measure() -> dict[str, float]:
-        model = random_subnet_model(model_config, subnet, dtype, device)
+        model = latency_model(model_config, subnet, dtype, device)
         try:
             return measure_latency(model, settings)
         finally:
