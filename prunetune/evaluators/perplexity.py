@@ -69,10 +69,10 @@ def hidden_states(
     return out.last_hidden_state
 
 
-def logit_chunks(rows: int, vocab_size: int) -> int:
+def logit_chunks(rows: int, vocab_size: int, elements: int = LOGIT_CHUNK_ELEMENTS) -> int:
     """Chunks of `rows` LM-head rows that keep each chunk's float32 logits within
-    `LOGIT_CHUNK_ELEMENTS` (at least one)."""
-    return max(1, math.ceil(rows / max(1, LOGIT_CHUNK_ELEMENTS // vocab_size)))
+    `elements` (at least one)."""
+    return max(1, math.ceil(rows / max(1, elements // vocab_size)))
 
 
 def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,

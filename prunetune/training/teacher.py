@@ -56,8 +56,16 @@ def teacher_top_k(teacher: nn.Module, windows: torch.Tensor, k: int, batch: int 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             hidden = hidden_states(teacher, ids)[:, :-1].flatten(0, 1)
             count = logit_chunks(hidden.shape[0], head.weight.shape[0])
-            tops = [head(part).float().topk(k, dim=-1) for part in hidden.tensor_split(count)]
+            tops = [head_top_k(head, part, k) for part in hidden.tensor_split(count)]
         shape = (len(ids), length - 1, k)
         values[start:start + batch] = torch.cat([t.values for t in tops]).view(shape)
         indices[start:start + batch] = torch.cat([t.indices for t in tops]).view(shape)
     return TeacherTopK(values, indices)
+
+
+def head_top_k(head: nn.Module, hidden: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` largest float32 logits of LM `head` at each row of `hidden` and their token
+    ids: what the cache keeps and what a live top-k teacher computes, taken alike so that
+    ties between logits resolve alike."""
+    return head(hidden).float().topk(k, dim=-1)
