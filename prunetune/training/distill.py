@@ -22,7 +22,7 @@ from torch import nn
 
 from prunetune.evaluators.perplexity import model_device
 from prunetune.training.checkpoint import Progress, load_checkpoint, run_identity, save_checkpoint
-from prunetune.training.data import window_indices
+from prunetune.training.data import to_device, window_indices
 from prunetune.training.loss import distill_loss_sum
 from prunetune.training.lora import add_lora, merge_lora
 from prunetune.training.settings import DistillSettings
@@ -33,22 +33,55 @@ WARMUP_STEPS = 3
 """Steps of a call left out of its throughput: CUDA, cuBLAS and allocator set-up."""
 
 
-class StepClock:
-    """Times a call's optimizer steps after its first `WARMUP_STEPS`. Each step ends with
-    the loss read back to the host, so the device has finished it when `tick` runs."""
+class StepLog:
+    """Counts a run's optimizer steps: its progress, its bar, and the student tokens per
+    second of the steps after the first `WARMUP_STEPS` (CUDA, cuBLAS and allocator set-up).
 
-    def __init__(self) -> None:
-        self.steps = 0
+    A step is counted when it is queued (`push`), but its loss is read back to the host
+    one step late, once the next step is queued too: the device never waits for the host
+    between steps. `flush` reads the last loss (before a checkpoint, and at the end). A
+    loss read means the device has finished its step, which is when the clock ticks.
+    """
+
+    def __init__(self, progress: Progress, settings: DistillSettings, bar: Any) -> None:
+        self.progress = progress
+        self.settings = settings
+        self.bar = bar
+        self.pending: torch.Tensor | float | None = None
+        self.read = 0
         self.tokens = 0
         self.start = 0.0
 
-    def tick(self, tokens: int) -> None:
-        """Count one finished step of `tokens` student tokens (all workers together)."""
-        self.steps += 1
-        if self.steps == WARMUP_STEPS:
+    def push(self, loss: torch.Tensor | float) -> None:
+        """Count one queued optimizer step of loss `loss` (a device tensor is read later)."""
+        self.flush()
+        self.pending = loss
+        self.progress.step += 1
+        self.progress.windows += self.settings.windows_per_step
+        self.progress.tokens += self.step_tokens()
+
+    def flush(self) -> None:
+        """Read the pending step's loss to the host, and show it."""
+        if self.pending is None:
+            return
+        loss = float(self.pending)
+        self.pending = None
+        self.tick()
+        self.progress.losses.append(loss)
+        self.bar.update(self.step_tokens())
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def step_tokens(self) -> int:
+        """Student tokens of one optimizer step (all workers together)."""
+        return self.settings.windows_per_step * self.settings.seq_len
+
+    def tick(self) -> None:
+        """One more step finished on the device: start the clock, or count its tokens."""
+        self.read += 1
+        if self.read == WARMUP_STEPS:
             self.start = time.perf_counter()
-        elif self.steps > WARMUP_STEPS:
-            self.tokens += tokens
+        elif self.read > WARMUP_STEPS:
+            self.tokens += self.step_tokens()
 
     def tokens_per_s(self) -> float | None:
         """Student tokens per second of the timed steps; None before any."""
@@ -105,9 +138,9 @@ def distill(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: torch
                     or progress)
     resumed_from = progress.step
     student.train()
-    clock = StepClock()
     try:
         with progress_bar(settings, progress) as bar:
+            log = StepLog(progress, settings, bar)
             while progress.step < settings.steps:
                 loss = train_step(teacher, student, windows, settings, progress.windows,
                                   backward=torch.Tensor.backward)
@@ -115,17 +148,19 @@ def distill(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: torch
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                advance(progress, settings, loss.item(), bar, clock)
+                log.push(loss)
                 if checkpoint_dir is not None and checkpoint_due(progress, settings):
+                    log.flush()
                     save_checkpoint(checkpoint_dir, student, optimizer, scheduler, progress,
                                     identity)
+            log.flush()
     finally:
         student.eval()
     if peft_model is not None:
         merge_lora(peft_model)
     return DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
                          resumed_from=resumed_from, seconds=time.perf_counter() - start,
-                         tokens_per_s=clock.tokens_per_s())
+                         tokens_per_s=log.tokens_per_s())
 
 
 def freeze(teacher: nn.Module | TeacherTopK) -> None:
@@ -188,38 +223,29 @@ def train_step(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: to
     index = window_indices(len(windows), settings.seed, position, settings.windows_per_step)
     mine = index[rank::world]
     predicted = len(mine) * (settings.seq_len - 1)
+    ids = to_device(windows[mine], device)
+    rows = teacher.rows(mine, device) if isinstance(teacher, TeacherTopK) else None
     total = torch.zeros((), device=device)
-    for micro in mine.split(settings.micro_batch):
-        ids = windows[micro].to(device, non_blocking=True)
+    for start in range(0, len(mine), settings.micro_batch):
+        part = slice(start, start + settings.micro_batch)
+        teacher_top = None if rows is None else (rows[0][part], rows[1][part])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = micro_loss(teacher, student, ids, micro, settings) / predicted
+            loss = micro_loss(teacher, student, ids[part], teacher_top, settings) / predicted
         backward(loss)
         total += loss.detach()
     return total
 
 
 def micro_loss(teacher: nn.Module | TeacherTopK, student: nn.Module, ids: torch.Tensor,
-               micro: torch.Tensor, settings: DistillSettings) -> torch.Tensor:
-    """The summed loss of the windows `ids` (positions `micro` of the training windows),
-    against the teacher model or its cached top-k logits."""
-    if isinstance(teacher, TeacherTopK):
+               teacher_top: tuple[torch.Tensor, torch.Tensor] | None,
+               settings: DistillSettings) -> torch.Tensor:
+    """The summed loss of the windows `ids`, against the teacher model, or against its
+    cached top-k logits at these windows (`teacher_top`, with a cache)."""
+    if teacher_top is not None:
         return distill_loss_sum(None, student, ids, settings.temperature, settings.top_k,
-                                settings.lm_weight, teacher_top=teacher.rows(micro, ids.device))
+                                settings.lm_weight, teacher_top=teacher_top)
     return distill_loss_sum(teacher, student, ids, settings.temperature, settings.top_k,
                             settings.lm_weight)
-
-
-def advance(progress: Progress, settings: DistillSettings, loss: float, bar: Any,
-            clock: StepClock) -> None:
-    """Count one finished optimizer step, and show it."""
-    tokens = settings.windows_per_step * settings.seq_len
-    clock.tick(tokens)
-    progress.step += 1
-    progress.windows += settings.windows_per_step
-    progress.tokens += tokens
-    progress.losses.append(loss)
-    bar.update(tokens)
-    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
 
 def checkpoint_due(progress: Progress, settings: DistillSettings) -> bool:

@@ -26,7 +26,7 @@ from torch import nn
 
 from prunetune.training.checkpoint import Progress, refuse_other_run, run_identity
 from prunetune.training.distill import (
-    DistillResult, StepClock, advance, check_inputs, checkpoint_due, cosine_schedule, freeze,
+    DistillResult, StepLog, check_inputs, checkpoint_due, cosine_schedule, freeze,
     progress_bar, train_step,
 )
 from prunetune.training.settings import DistillSettings
@@ -125,21 +125,23 @@ def worker_loop(config: dict[str, Any]) -> None:
     progress = restore(engine, identity)
     resumed_from = progress.step
     student.train()
-    clock = StepClock()
     with progress_bar(settings, progress, disable=rank != 0) as bar:
+        log = StepLog(progress, settings, bar)
         while progress.step < settings.steps:
             loss = train_step(teacher, student, windows, settings, progress.windows,
                               backward=lambda micro_loss: ds_backward(engine, micro_loss),
                               rank=rank, world=world)
-            advance(progress, settings, mean_over_workers(loss, world), bar, clock)
+            log.push(mean_over_workers(loss, world))
             if checkpoint_due(progress, settings) and progress.step < settings.steps:
+                log.flush()
                 report(engine, progress, identity)
+        log.flush()
     student.eval()
     if config["finish"] is not None:
         finish_on_first(student, config["finish"], rank, config["zero_stage"])
     result = DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
                            resumed_from=resumed_from, seconds=time.perf_counter() - start,
-                           tokens_per_s=clock.tokens_per_s())
+                           tokens_per_s=log.tokens_per_s())
     report_finished(result)
 
 
@@ -186,14 +188,15 @@ def ds_backward(engine: Any, loss: torch.Tensor) -> None:
     engine.step()
 
 
-def mean_over_workers(loss: torch.Tensor, world: int) -> float:
-    """The step's loss per predicted token over all workers (each predicts as many)."""
+def mean_over_workers(loss: torch.Tensor, world: int) -> torch.Tensor:
+    """The step's loss per predicted token over all workers (each predicts as many), on
+    the device (read back by `StepLog` one step later)."""
     import torch.distributed as dist
 
     total = loss.detach().clone()
     if world > 1:
         dist.all_reduce(total)
-    return total.item() / world
+    return total / world
 
 
 def restore(engine: Any, identity: dict[str, Any]) -> Progress:

@@ -28,7 +28,7 @@ from prunetune.search_spaces.subnet import SubnetConfig
 from prunetune.training.checkpoint import Progress, load_checkpoint, run_identity, save_checkpoint
 from prunetune.training.data import window_indices
 from prunetune.training.distill import (
-    DistillResult, StepClock, advance, checkpoint_due, cosine_schedule, progress_bar,
+    DistillResult, StepLog, checkpoint_due, cosine_schedule, progress_bar,
 )
 from prunetune.training.loss import distill_loss_sum
 from prunetune.training.settings import DistillSettings
@@ -109,10 +109,10 @@ def train_supernet(model: nn.Module, space: SearchSpace, windows: torch.Tensor,
         progress = (load_checkpoint(checkpoint_dir, model, optimizer, scheduler, identity)
                     or progress)
     resumed_from = progress.step
-    clock = StepClock()
     device = model_device(model)
     try:
         with progress_bar(settings, progress) as bar:
+            log = StepLog(progress, settings, bar)
             while progress.step < settings.steps:
                 subnets = sandwich(space, random.Random(f"{settings.seed}-{progress.step}"),
                                    random_count)
@@ -128,12 +128,14 @@ def train_supernet(model: nn.Module, space: SearchSpace, windows: torch.Tensor,
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                advance(progress, settings, loss, bar, clock)
+                log.push(loss)
                 if checkpoint_dir is not None and checkpoint_due(progress, settings):
+                    log.flush()
                     save_checkpoint(checkpoint_dir, model, optimizer, scheduler, progress,
                                     identity)
+            log.flush()
     finally:
         model.eval()
     return DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
                          resumed_from=resumed_from, seconds=time.perf_counter() - start,
-                         tokens_per_s=clock.tokens_per_s())
+                         tokens_per_s=log.tokens_per_s())

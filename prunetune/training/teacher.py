@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prunetune.evaluators.perplexity import hidden_states, logit_chunks, model_device
+from prunetune.training.data import to_device
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,7 @@ class TeacherTopK:
     def rows(self, windows: torch.Tensor,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached logits and ids of the windows at positions `windows`, on `device`."""
-        return (self.values[windows].to(device, non_blocking=True),
-                self.indices[windows].to(device, non_blocking=True))
+        return to_device(self.values[windows], device), to_device(self.indices[windows], device)
 
 
 @torch.no_grad()
