@@ -55,7 +55,7 @@ def save_to(path: Path, student: torch.nn.Module) -> None:
     torch.save(states(student), path)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_two_gloo_workers_train_what_one_process_does(tmp_path: Path, zero_stage: int) -> None:
     teacher, alone = pair()
     reference = distill(teacher, alone, windows(), QUICK)
@@ -71,11 +71,13 @@ def test_two_gloo_workers_train_what_one_process_does(tmp_path: Path, zero_stage
     torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
 
 
-def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path,
+                                                              zero_stage: int) -> None:
     marker = tmp_path / "killed"
     dying = functools.partial(build, die_at_forward=7, marker=str(marker))
     workers = WorkerSettings(workers=2, storage=str(tmp_path / "ray"), name="killed",
-                             use_gpu=False)
+                             use_gpu=False, zero_stage=zero_stage)
     finish = functools.partial(save_to, tmp_path / "student.pt")
     with pytest.raises(RuntimeError, match="failed"):
         distill_on_workers(dying, windows(), QUICK, workers, finish=finish)

@@ -61,11 +61,18 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def hidden_states(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    use_cache: bool = False,
 ) -> torch.Tensor:
-    """The decoder's final hidden states `[batch, len, hidden]`, before the LM head."""
+    """The decoder's final hidden states `[batch, len, hidden]`, before the LM head.
+
+    With `use_cache`, the forward pass fills a throw-away key-value cache (tensors that
+    training saves for its backward pass anyway). Without a cache and a mask, transformers
+    checks the positions for packed sequences, which reads a value back to the host: a
+    host-device synchronisation in every forward pass, which a training step avoids.
+    """
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           use_cache=False)
+                           use_cache=use_cache)
     return out.last_hidden_state
 
 

@@ -40,7 +40,9 @@ class StepLog:
     A step is counted when it is queued (`push`), but its loss is read back to the host
     one step late, once the next step is queued too: the device never waits for the host
     between steps. `flush` reads the last loss (before a checkpoint, and at the end). A
-    loss read means the device has finished its step, which is when the clock ticks.
+    loss read means the device has finished its step, which is when the clock ticks. The
+    first `WARMUP_STEPS` losses are read at once, so the clock starts with nothing queued
+    (as a timer started after a synchronisation does).
     """
 
     def __init__(self, progress: Progress, settings: DistillSettings, bar: Any) -> None:
@@ -48,9 +50,10 @@ class StepLog:
         self.settings = settings
         self.bar = bar
         self.pending: torch.Tensor | float | None = None
+        self.pushed = 0
         self.read = 0
         self.tokens = 0
-        self.start = 0.0
+        self.start = self.end = 0.0
 
     def push(self, loss: torch.Tensor | float) -> None:
         """Count one queued optimizer step of loss `loss` (a device tensor is read later)."""
@@ -59,6 +62,9 @@ class StepLog:
         self.progress.step += 1
         self.progress.windows += self.settings.windows_per_step
         self.progress.tokens += self.step_tokens()
+        self.pushed += 1
+        if self.pushed <= WARMUP_STEPS:
+            self.flush()
 
     def flush(self) -> None:
         """Read the pending step's loss to the host, and show it."""
@@ -78,14 +84,15 @@ class StepLog:
     def tick(self) -> None:
         """One more step finished on the device: start the clock, or count its tokens."""
         self.read += 1
+        self.end = time.perf_counter()
         if self.read == WARMUP_STEPS:
-            self.start = time.perf_counter()
+            self.start = self.end
         elif self.read > WARMUP_STEPS:
             self.tokens += self.step_tokens()
 
     def tokens_per_s(self) -> float | None:
         """Student tokens per second of the timed steps; None before any."""
-        return self.tokens / (time.perf_counter() - self.start) if self.tokens else None
+        return self.tokens / (self.end - self.start) if self.tokens else None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ as a plain cross-entropy keeps its log-softmax) up to `KEPT_GRADIENT_ELEMENTS`; 
 each chunk is checkpointed (`torch.utils.checkpoint`): only its hidden states are saved,
 and its head runs again in the backward pass. The teacher's side can also come from a
 cache of its top-k logits (`teacher.TeacherTopK`), so that students trained on the same
-windows share one teacher pass. The loss is a sum over tokens.
+windows share one teacher pass. The loss is a sum over tokens. Nothing in it reads a
+value back to the host, so the host can queue a whole step ahead of the device.
 """
 
 from __future__ import annotations
@@ -51,20 +52,20 @@ def distill_loss_sum(teacher: nn.Module | None, student: nn.Module, ids: torch.T
     does not run at all. `chunks` row chunks (default: as few as `LOSS_CHUNK_ELEMENTS`
     allows); past `KEPT_GRADIENT_ELEMENTS` logits, each is recomputed in the backward pass.
     """
-    student_hidden = hidden_states(student, ids)[:, :-1].flatten(0, 1)
+    student_hidden = hidden_states(student, ids, use_cache=True)[:, :-1].flatten(0, 1)
     targets = ids[:, 1:].reshape(-1)
     student_head = student.get_output_embeddings()
     vocab = student.config.vocab_size
     count = chunks or logit_chunks(targets.numel(), vocab, LOSS_CHUNK_ELEMENTS)
     run = direct if targets.numel() * vocab <= KEPT_GRADIENT_ELEMENTS else checkpointed
     if teacher_top is not None:
-        values, index = (t.flatten(0, 1) for t in teacher_top)
+        values, index = teacher_top[0].flatten(0, 1), teacher_top[1].flatten(0, 1).long()
         parts = [run(cached_chunk_loss, student_head, s, v, i, y, temperature, lm_weight)
                  for s, v, i, y in zip(*(t.tensor_split(count) for t in
                                          (student_hidden, values, index, targets)))]
         return torch.stack(parts).sum()
     with torch.no_grad():
-        teacher_hidden = hidden_states(teacher, ids)[:, :-1].flatten(0, 1)
+        teacher_hidden = hidden_states(teacher, ids, use_cache=True)[:, :-1].flatten(0, 1)
     teacher_head = teacher.get_output_embeddings()
     parts = [run(live_chunk_loss, teacher_head, student_head, t, s, y, temperature, top_k,
                  lm_weight)
@@ -91,11 +92,11 @@ def live_chunk_loss(teacher_head: nn.Module, student_head: nn.Module,
     with torch.no_grad():
         if top_k is not None:
             values, index = head_top_k(teacher_head, teacher_hidden, top_k)
-            teacher_logp = F.log_softmax(values / temperature, dim=-1)
+            teacher_logp = F.log_softmax(at_temperature(values, temperature), dim=-1)
         else:
             index = None
-            teacher_logp = F.log_softmax(teacher_head(teacher_hidden).float() / temperature,
-                                         dim=-1)
+            teacher_logp = F.log_softmax(at_temperature(teacher_head(teacher_hidden),
+                                                        temperature), dim=-1)
     return LogitsLoss.apply(student_head(student_hidden), teacher_logp, index, targets,
                             temperature, lm_weight)
 
@@ -105,9 +106,9 @@ def cached_chunk_loss(student_head: nn.Module, student_hidden: torch.Tensor,
                       targets: torch.Tensor, temperature: float,
                       lm_weight: float) -> torch.Tensor:
     """`distill_loss_sum` of one chunk of rows against the teacher's cached top-k logits."""
-    teacher_logp = F.log_softmax(teacher_values.float() / temperature, dim=-1)
-    return LogitsLoss.apply(student_head(student_hidden), teacher_logp, teacher_index.long(),
-                            targets, temperature, lm_weight)
+    teacher_logp = F.log_softmax(at_temperature(teacher_values, temperature), dim=-1)
+    return LogitsLoss.apply(student_head(student_hidden), teacher_logp, teacher_index, targets,
+                            temperature, lm_weight)
 
 
 class LogitsLoss(torch.autograd.Function):
@@ -158,20 +159,24 @@ def kl_and_gradient(logits: torch.Tensor, teacher_logp: torch.Tensor,
     """`temperature**2 * KL(teacher || student)` summed over rows, and its gradient with
     respect to `logits`: `temperature * (softmax(logits / T) * sum(p) - p)`, `p` the
     teacher's probabilities on their tokens (see `logits_loss_and_gradient`)."""
-    scaled = logits.float()
-    if temperature != 1.0:
-        scaled = scaled / temperature
-    student_logp = F.log_softmax(scaled, dim=-1)
-    del scaled
+    student_logp = F.log_softmax(at_temperature(logits, temperature), dim=-1)
     teacher_p = teacher_logp.exp()
     picked = student_logp if index is None else student_logp.gather(-1, index)
-    loss = temperature ** 2 * (teacher_p * (teacher_logp - picked)).sum()
+    loss = (teacher_p * (teacher_logp - picked)).sum()
+    if temperature != 1.0:
+        loss = temperature ** 2 * loss
     gradient = student_logp.exp_().mul_(temperature * teacher_p.sum(-1, keepdim=True))
     if index is None:
         gradient.sub_(teacher_p, alpha=temperature)
     else:
         gradient.scatter_add_(-1, index, teacher_p.mul_(-temperature))
     return loss, gradient
+
+
+def at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`logits` in float32, divided by `temperature` (no division at 1)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def cross_entropy_and_gradient(logits: torch.Tensor,
