@@ -58,14 +58,16 @@ def teacher_top_k(teacher: nn.Module, windows: torch.Tensor, k: int, batch: int 
             count = logit_chunks(hidden.shape[0], head.weight.shape[0])
             tops = [head_top_k(head, part, k) for part in hidden.tensor_split(count)]
         shape = (len(ids), length - 1, k)
-        values[start:start + batch] = torch.cat([t.values for t in tops]).view(shape)
-        indices[start:start + batch] = torch.cat([t.indices for t in tops]).view(shape)
+        values[start:start + batch] = torch.cat([v for v, _ in tops]).view(shape)
+        indices[start:start + batch] = torch.cat([i for _, i in tops]).view(shape)
     return TeacherTopK(values, indices)
 
 
 def head_top_k(head: nn.Module, hidden: torch.Tensor,
                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `k` largest float32 logits of LM `head` at each row of `hidden` and their token
-    ids: what the cache keeps and what a live top-k teacher computes, taken alike so that
-    ties between logits resolve alike."""
-    return head(hidden).float().topk(k, dim=-1)
+    """The `k` largest logits of LM `head` at each row of `hidden`, in float32, and their
+    token ids: what the cache keeps and what a live top-k teacher computes, taken alike so
+    that ties between logits resolve alike. The selection runs in the head's dtype (bf16
+    under autocast), which holds every logit exactly, without a float32 copy of them all."""
+    values, index = head(hidden).topk(k, dim=-1)
+    return values.float(), index
