@@ -55,7 +55,8 @@ def plain_tokens_per_s(model: torch.nn.Module, windows: torch.Tensor,
     """Student tokens per second of a plain HF causal-LM training step on the batches
     `distill` trains on, timed as `distill` times itself: the steps after the first
     `WARMUP_STEPS`, with no synchronisation between steps."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
     model.train()
     device = torch.device("cuda")
     per_step = settings.windows_per_step
