@@ -66,15 +66,17 @@ def states(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("temperature, top_k, lm_weight",
-                         [(1.0, None, 0.0), (2.0, 5, 0.5), (1.0, 5, 0.3), (0.5, None, 1.0)])
+LOSS_CASES = [(1.0, None, 0.0), (2.0, 5, 0.5), (1.0, 5, 0.3), (0.5, None, 1.0)]
+"""Temperature, top-k and LM weight; a cache holds top-k logits only."""
+
+
+@pytest.mark.parametrize("temperature, top_k, lm_weight, cached",
+                         [(*case, False) for case in LOSS_CASES]
+                         + [(*case, True) for case in LOSS_CASES if case[1] is not None])
 @pytest.mark.parametrize("recomputed", [False, True])
-@pytest.mark.parametrize("cached", [False, True])
 def test_chunked_loss_equals_an_unchunked_reference(
-        temperature: float, top_k: int | None, lm_weight: float, recomputed: bool,
-        cached: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if cached and top_k is None:
-        pytest.skip("a cache holds top-k logits only")
+        temperature: float, top_k: int | None, lm_weight: float, cached: bool,
+        recomputed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if recomputed:
         monkeypatch.setattr(loss_module, "KEPT_GRADIENT_ELEMENTS", 0)
     teacher, student = pair()
