@@ -45,7 +45,7 @@ def distill_loss_sum(teacher: nn.Module | None, student: nn.Module, ids: torch.T
     student_head = student.get_output_embeddings()
     if teacher_top is not None:
         values, index = (t.flatten(0, 1) for t in teacher_top)
-        count = chunks or logit_chunks(targets.numel(), student_head.weight.shape[0])
+        count = chunks or logit_chunks(targets.numel(), student.config.vocab_size)
         run = checkpointed if count > 1 else direct
         parts = [run(cached_chunk_loss, student_head, s, v, i, y, temperature, lm_weight)
                  for s, v, i, y in zip(*(t.tensor_split(count) for t in
@@ -54,7 +54,7 @@ def distill_loss_sum(teacher: nn.Module | None, student: nn.Module, ids: torch.T
     with torch.no_grad():
         teacher_hidden = hidden_states(teacher, ids)[:, :-1].flatten(0, 1)
     heads = (teacher.get_output_embeddings(), student_head)
-    count = chunks or logit_chunks(targets.numel(), 2 * heads[0].weight.shape[0])
+    count = chunks or logit_chunks(targets.numel(), 2 * student.config.vocab_size)
     run = checkpointed if count > 1 else direct
     parts = [run(chunk_loss, *heads, t, s, y, temperature, top_k, lm_weight)
              for t, s, y in zip(teacher_hidden.tensor_split(count),
