@@ -1,4 +1,5 @@
-"""Distillation on Ray Train workers with DeepSpeed ZeRO: equal to one process, resumable."""
+"""Distillation and super-network training on Ray Train workers with DeepSpeed ZeRO: equal
+to one process, resumable."""
 
 from __future__ import annotations
 
@@ -15,13 +16,22 @@ import ray  # noqa: E402
 import ray.cloudpickle  # noqa: E402
 
 import test_distill  # noqa: E402
+import test_supernet  # noqa: E402
 from test_distill import QUICK, pair, states, windows  # noqa: E402
+from test_supernet import SETTINGS, model_and_space  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from prunetune.evaluators.perplexity import random_windows  # noqa: E402
 from prunetune.training.distill import distill  # noqa: E402
-from prunetune.training.distributed import WorkerSettings, distill_on_workers  # noqa: E402
+from prunetune.training.distributed import (  # noqa: E402
+    WorkerSettings, distill_on_workers, train_on_workers,
+)
+from prunetune.training.settings import SupernetSettings  # noqa: E402
+from prunetune.training.supernet import SupernetJob, train_supernet  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 ray.cloudpickle.register_pickle_by_value(test_distill)
+ray.cloudpickle.register_pickle_by_value(test_supernet)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
@@ -102,3 +112,30 @@ def test_steps_that_do_not_split_over_the_workers_are_refused(tmp_path: Path) ->
     workers = WorkerSettings(workers=3, storage=str(tmp_path), name="three", use_gpu=False)
     with pytest.raises(ValueError, match="8 windows per step do not split evenly over 3"):
         distill_on_workers(build, windows(), QUICK, workers)
+
+
+def supernet_model(device: torch.device) -> tuple[torch.nn.Module, None]:
+    """The super-network test's model on one thread, unsorted."""
+    torch.set_num_threads(1)
+    return model_and_space()[0].to(device), None
+
+
+def supernet_space(model: torch.nn.Module, scores: None) -> object:
+    return model_and_space()[1]
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_gloo_workers_train_the_super_network_one_process_does(tmp_path: Path,
+                                                                    zero_stage: int) -> None:
+    train, strategy = random_windows(96, 64, 32), SupernetSettings("sandwich", 1)
+    alone, space = model_and_space()
+    reference = train_supernet(alone, space, train, SETTINGS, strategy)
+
+    job = SupernetJob(supernet_model, supernet_space, str(tmp_path / "out"), strategy)
+    workers = WorkerSettings(workers=2, storage=str(tmp_path / "ray"), name="supernet",
+                             use_gpu=False, zero_stage=zero_stage)
+    result = train_on_workers(job, train, SETTINGS, workers)
+    assert result.steps == reference.steps == 6
+    torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-7)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(states(trained), states(alone), rtol=1e-5, atol=1e-6)

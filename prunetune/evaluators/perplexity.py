@@ -93,7 +93,7 @@ def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     3-D (`[1, rows, hidden]`), because AutoTP's split LM head slices its input that way.
     """
     head = model.get_output_embeddings()
-    count = chunks or logit_chunks(hidden.shape[0], head.weight.shape[0])
+    count = chunks or logit_chunks(hidden.shape[0], model.config.vocab_size)
     parts = [-F.cross_entropy(head(h.unsqueeze(0)).squeeze(0).float(), t, reduction="none")
              for h, t in zip(hidden.tensor_split(count), targets.tensor_split(count))]
     return torch.cat(parts)

@@ -135,22 +135,40 @@ def distill(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: torch
     peft_model = None
     if settings.lora_rank:
         peft_model = add_lora(student, settings.lora_rank, settings.lora_alpha)
-    params = [p for p in student.parameters() if p.requires_grad]
+    result = run_steps(student, lambda progress: train_step(
+        teacher, student, windows, settings, progress.windows, backward=torch.Tensor.backward),
+        settings, run_identity(settings, windows), checkpoint_dir, start)
+    if peft_model is not None:
+        merge_lora(peft_model)
+    return result
+
+
+Step = Callable[[Progress], torch.Tensor]
+"""The forward and backward passes of one optimizer step, the run being at `progress`;
+returns the step's loss (mean per predicted token), detached."""
+
+
+def run_steps(model: nn.Module, step: Step, settings: DistillSettings,
+              identity: dict[str, Any], checkpoint_dir: str | Path | None,
+              start: float, desc: str = "distil") -> DistillResult:
+    """The optimizer loop of one device: `step`, clipping, AdamW over the model's trainable
+    parameters, warmup and cosine decay, until `settings.steps`; a checkpoint every
+    `settings.checkpoint_every` steps in `checkpoint_dir` (when given), and a resume from
+    the one found there. The model trains in train mode and is left in eval mode."""
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = cosine_schedule(optimizer, settings)
-    identity = run_identity(settings, windows)
     progress = Progress()
     if checkpoint_dir is not None:
-        progress = (load_checkpoint(checkpoint_dir, student, optimizer, scheduler, identity)
+        progress = (load_checkpoint(checkpoint_dir, model, optimizer, scheduler, identity)
                     or progress)
     resumed_from = progress.step
-    student.train()
+    model.train()
     try:
-        with progress_bar(settings, progress) as bar:
+        with progress_bar(settings, progress, desc=desc) as bar:
             log = StepLog(progress, settings, bar)
             while progress.step < settings.steps:
-                loss = train_step(teacher, student, windows, settings, progress.windows,
-                                  backward=torch.Tensor.backward)
+                loss = step(progress)
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -158,13 +176,11 @@ def distill(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: torch
                 log.push(loss)
                 if checkpoint_dir is not None and checkpoint_due(progress, settings):
                     log.flush()
-                    save_checkpoint(checkpoint_dir, student, optimizer, scheduler, progress,
+                    save_checkpoint(checkpoint_dir, model, optimizer, scheduler, progress,
                                     identity)
             log.flush()
     finally:
-        student.eval()
-    if peft_model is not None:
-        merge_lora(peft_model)
+        model.eval()
     return DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
                          resumed_from=resumed_from, seconds=time.perf_counter() - start,
                          tokens_per_s=log.tokens_per_s())
@@ -261,11 +277,11 @@ def checkpoint_due(progress: Progress, settings: DistillSettings) -> bool:
 
 
 def progress_bar(settings: DistillSettings, progress: Progress,
-                 disable: bool | None = None) -> Any:
+                 disable: bool | None = None, desc: str = "distil") -> Any:
     """A bar over the token budget (tokens, tokens/s, time left, loss); silent when the
     output is not a terminal (`disable=None`) or when `disable`."""
     from tqdm.auto import tqdm
 
     total = settings.steps * settings.windows_per_step * settings.seq_len
     return tqdm(total=total, initial=progress.tokens, unit="tok", unit_scale=True,
-                desc="distil", disable=disable, dynamic_ncols=True)
+                desc=desc, disable=disable, dynamic_ncols=True)

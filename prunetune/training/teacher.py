@@ -55,7 +55,7 @@ def teacher_top_k(teacher: nn.Module, windows: torch.Tensor, k: int, batch: int 
         ids = windows[start:start + batch].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             hidden = hidden_states(teacher, ids)[:, :-1].flatten(0, 1)
-            count = logit_chunks(hidden.shape[0], head.weight.shape[0])
+            count = logit_chunks(hidden.shape[0], teacher.config.vocab_size)
             tops = [head_top_k(head, part, k) for part in hidden.tensor_split(count)]
         shape = (len(ids), length - 1, k)
         values[start:start + batch] = torch.cat([v for v, _ in tops]).view(shape)
