@@ -40,7 +40,7 @@ from prunetune.evaluators.evaluator import Evaluator
 from prunetune.evaluators.perplexity import perplexity
 from prunetune.evaluators.surgery import extract
 from prunetune.orchestrator.baselines import BASELINES, baseline_subnets
-from prunetune.orchestrator.pareto import hypervolume, pareto_front
+from prunetune.orchestrator.pareto import hypervolume
 from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.spaces import make_space
 from prunetune.search_spaces.subnet import SubnetConfig
@@ -124,13 +124,10 @@ def recovered(evaluator: Evaluator, source: torch.nn.Module, subnet: SubnetConfi
 
 
 def validation_front_hv(rows: list[dict[str, Any]], dense_params: int, ref_ppl: float) -> float:
-    """Hypervolume of a search's validation front in (params fraction, log perplexity)."""
-    import pandas as pd
-
-    df = pd.DataFrame({"params": [r["params"] / dense_params for r in rows],
-                       "val_ppl": [math.log(r["val_ppl"]) for r in rows]})
-    front = pareto_front(df, {"params": "min", "val_ppl": "min"})
-    return hypervolume(front[["params", "val_ppl"]].to_numpy(), [1.0, math.log(ref_ppl)])
+    """Hypervolume of a search's validation front in (params fraction, log perplexity):
+    that of all its candidates, which the dominated ones do not change."""
+    F = np.array([[r["params"] / dense_params, math.log(r["val_ppl"])] for r in rows])
+    return hypervolume(F, [1.0, math.log(ref_ppl)])
 
 
 def picks_hv(points: list[dict[str, Any]], dense_params: int, ref_ppl: float) -> float:
