@@ -97,6 +97,8 @@ def measure(config: Any, subnet: SubnetConfig, settings: LatencySettings,
         start = time.perf_counter()
         out[mode] = measure_latency(model, replace(settings, mode=mode), inductor_mode)
         out[mode]["seconds"] = time.perf_counter() - start
+        print(f"  {mode}: {out[mode]['latency_decode_ms']:.2f} ms/token, "
+              f"{out[mode]['seconds']:.1f} s", flush=True)
     del model
     torch.cuda.empty_cache()
     return out
@@ -134,6 +136,8 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS),
+                        help="parameter shares, the dense model (1.0) first")
     parser.add_argument("--modes", nargs="+", choices=LATENCY_MODES, default=list(MODES))
     parser.add_argument("--inductor-mode", default=INDUCTOR_MODE,
                         help="torch.compile mode of `compiled` (one without CUDA graphs)")
@@ -151,7 +155,8 @@ def main() -> None:
           f"median of {args.repeats} runs after 2 warm-ups; torch {torch.__version__}, "
           f"inductor mode {args.inductor_mode!r}", flush=True)
     rows = []
-    for target in TARGETS:
+    for target in args.targets:
+        print(f"{target:.0%} of the parameters:", flush=True)
         subnet = SubnetConfig.dense(config) if target == 1.0 else width_subnet(config, target)
         params = count_params(config, subnet)
         row = {"target": target, "params": params, "params_fraction": params / dense_params,
@@ -161,7 +166,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         if args.out:
             write_results(Path(args.out), rows, settings, bandwidth, args.inductor_mode)
-    print("\n" + table(rows, args.modes))
+    print("\n" + table(sorted(rows, key=lambda row: -row["target"]), args.modes))
 
 
 def write_results(path: Path, rows: list[dict[str, Any]], settings: LatencySettings,
