@@ -83,10 +83,10 @@ step is captured in ours."""
 def latency_mode(settings: LatencySettings, device: torch.device | str, model_config: Any) -> str:
     """The mode that runs: `graph` or `compiled` where asked and possible, else `eager`.
 
-    Both capture a CUDA graph, which needs a CUDA device, and a cache that advances on the device: transformers
-    tracks the fill of a sliding-window layer's static cache on the host, so a captured step
-    would replay one position forever. Elsewhere the eager figure is measured, and cached
-    under mode `eager`.
+    Both capture a CUDA graph, which needs a CUDA device, and a cache that advances on the
+    device: transformers tracks the fill of a sliding-window layer's static cache on the
+    host, so a captured step would replay one position forever. Elsewhere the eager figure
+    is measured, and cached under mode `eager`.
     """
     from transformers import StaticCache
 
@@ -175,7 +175,8 @@ def greedy_step(model: nn.Module, cache: Any, token: torch.Tensor) -> torch.Tens
     return logits
 
 
-def compile_step(step: Callable[[], torch.Tensor], inductor_mode: str) -> Callable[[], torch.Tensor]:
+def compile_step(step: Callable[[], torch.Tensor],
+                 inductor_mode: str) -> Callable[[], torch.Tensor]:
     """`step` compiled whole (no graph break allowed) by inductor, for its exact shapes.
 
     The first call compiles. The cache's fill counter is a tensor, so every later position
