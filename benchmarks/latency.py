@@ -29,6 +29,7 @@ import argparse
 import json
 import statistics
 import time
+import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -88,45 +89,77 @@ def floor_ms(config: Any, subnet: SubnetConfig, settings: LatencySettings,
 
 def measure(config: Any, subnet: SubnetConfig, settings: LatencySettings,
             modes: list[str], inductor_mode: str) -> dict[str, Any]:
-    """Each of `modes` on one random-weight model of the sub-network's shapes, each with its
-    wall time (cache, compilation, capture and every timed run: what a search pays per
-    shape)."""
+    """Each of `modes` on one random-weight model of the sub-network's shapes."""
     model = random_subnet_model(config, subnet, torch.bfloat16, "cuda")
-    out: dict[str, Any] = {}
-    for mode in modes:
-        start = time.perf_counter()
-        out[mode] = measure_latency(model, replace(settings, mode=mode), inductor_mode)
-        out[mode]["seconds"] = time.perf_counter() - start
-        print(f"  {mode}: {out[mode]['latency_decode_ms']:.2f} ms/token, "
-              f"{out[mode]['seconds']:.1f} s", flush=True)
+    out = {mode: measure_mode(model, replace(settings, mode=mode), inductor_mode)
+           for mode in modes}
     del model
     torch.cuda.empty_cache()
     return out
 
 
+def measure_mode(model: torch.nn.Module, settings: LatencySettings,
+                 inductor_mode: str) -> dict[str, Any]:
+    """`measure_latency` in `settings.mode`, with its wall time (cache, compilation, capture
+    and every timed run: what a search pays per shape), or the error it failed with: the
+    other modes and shapes are still measured."""
+    start = time.perf_counter()
+    try:
+        result: dict[str, Any] = measure_latency(model, settings, inductor_mode)
+        summary = f"{result['latency_decode_ms']:.2f} ms/token"
+    except Exception as error:  # reported; the other modes and shapes go on
+        traceback.print_exc()
+        result = {"error": f"{type(error).__name__}: {error}"}
+        summary = "failed"
+    result["seconds"] = time.perf_counter() - start
+    print(f"  {settings.mode}: {summary}, {result['seconds']:.1f} s", flush=True)
+    return result
+
+
 def table(rows: list[dict[str, Any]], modes: list[str]) -> str:
-    """The rows as a Markdown table: ms/token of each mode, the floor, and for the captured
-    modes their ratio to the floor and the dense model's speed-up; prefill; s/shape."""
+    """The rows (the first one the dense model) as a Markdown table: ms/token of each mode,
+    the floor, and for the captured modes their ratio to the floor and the dense model's
+    speed-up; prefill; s/shape. A mode that failed shows as such."""
     captured = [m for m in modes if m in CAPTURED]
     header = (["params", "KV heads, q/KV, MLP, embed (every layer)"]
               + [f"{m} ms/token" for m in modes] + ["floor ms"]
               + [f"{m} / floor" for m in captured] + [f"dense / {m}" for m in captured]
               + [f"prefill {' / '.join(modes)} ms", f"s/shape {' / '.join(modes)}"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    dense = rows[0]
     for row in rows:
         s, floor = row["subnet"], row["floor_ms"]
-        decode = {m: row[m]["latency_decode_ms"] for m in modes}
         cells = ([f"{row['params'] / 1e9:.2f} B ({row['params_fraction']:.0%})",
                   f"{s['kv_heads'][0]}, {s['q_per_kv'][0]}, {s['mlp'][0]}, {s['embed']}"]
-                 + [f"{decode[m]:.2f} [{row[m]['latency_decode_min_ms']:.2f}–"
-                    f"{row[m]['latency_decode_max_ms']:.2f}]" for m in modes]
-                 + [f"{floor:.2f}"]
-                 + [f"{decode[m] / floor:.2f}" for m in captured]
-                 + [f"{rows[0][m]['latency_decode_ms'] / decode[m]:.2f}" for m in captured]
-                 + [" / ".join(f"{row[m]['latency_prefill_ms']:.1f}" for m in modes),
+                 + [decode_cell(row[m]) for m in modes] + [f"{floor:.2f}"]
+                 + [ratio_cell(row[m], floor) for m in captured]
+                 + [ratio_cell(dense[m], row[m]) for m in captured]
+                 + [" / ".join(f"{row[m]['latency_prefill_ms']:.1f}" if measured(row[m]) else "–"
+                               for m in modes),
                     " / ".join(f"{row[m]['seconds']:.1f}" for m in modes)])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def measured(result: dict[str, Any]) -> bool:
+    """Whether a mode's measurement ran (rather than failed)."""
+    return "error" not in result
+
+
+def decode_cell(result: dict[str, Any]) -> str:
+    """Median ms/token [min–max], or `failed`."""
+    if not measured(result):
+        return "failed"
+    return (f"{result['latency_decode_ms']:.2f} [{result['latency_decode_min_ms']:.2f}–"
+            f"{result['latency_decode_max_ms']:.2f}]")
+
+
+def ratio_cell(numerator: dict[str, Any] | float, denominator: dict[str, Any] | float) -> str:
+    """The ratio of two decode times (a result's median, or a number), or `–` if either
+    measurement failed."""
+    values = [x if isinstance(x, float) else x.get("latency_decode_ms")
+              for x in (numerator, denominator)]
+    return "–" if None in values else f"{values[0] / values[1]:.2f}"
 
 
 def main() -> None:
