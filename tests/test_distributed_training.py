@@ -96,9 +96,10 @@ def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path,
     result = distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
     teacher, alone = pair()
     reference = distill(teacher, alone, windows(), QUICK)
-    # Killed in step 7: the checkpoint of step 6, or of step 4 if Ray had not yet
-    # registered the one of step 6 when the worker died.
-    assert result.resumed_from in (4, 6) and result.steps == 12
+    # Killed in step 7: the checkpoint of step 6, or an earlier one that Ray had
+    # registered when the worker died (its controller registers reports asynchronously,
+    # later on a loaded machine).
+    assert result.resumed_from in (2, 4, 6) and result.steps == 12
     torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-7)
     trained = torch.load(tmp_path / "student.pt", weights_only=True)
     torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
