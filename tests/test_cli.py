@@ -145,12 +145,12 @@ def test_recover_on_two_workers_exports_the_distilled_point(tiny_run, tmp_path, 
     assert (out / "tokenizer_config.json").is_file()
 
 
-def test_train_supernet_writes_a_model_a_spec_can_name(tiny_run, tmp_path, capsys) -> None:
+def test_train_supernet_writes_a_model_a_spec_can_name(tiny_run, tmp_path, capfd) -> None:
     out = tmp_path / "supernet"
     assert main(["train-supernet", str(tiny_run / "spec.yaml"), "--out", str(out),
                  "--tokens", "1024", "--seq-len", "32", "--top-k", "8",
                  "--strategy", "random", "--random", "3"]) == 0
-    assert "super-network (random) on 1,024 tokens of gutenberg" in capsys.readouterr().out
+    assert "super-network (random) on 1,024 tokens of gutenberg" in capfd.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 4 and (out / "tokenizer_config.json").is_file()
     assert any((out / "checkpoint").iterdir())
@@ -167,6 +167,15 @@ def test_train_supernet_writes_a_model_a_spec_can_name(tiny_run, tmp_path, capsy
             evaluator.model.dtype), rtol=0, atol=0, msg=name)
     trained_order = ImportanceScores.load(out / SORTED_SCORES_FILE).layer_order()
     assert evaluator.info()["layer_order"] == trained_order
+    spec = (tiny_run / "spec.yaml").read_text().replace(str(tiny_run / "model"), str(out))
+    (tmp_path / "spec.yaml").write_text(spec.replace(str(tiny_run / "run"), str(tmp_path / "run"))
+                                        .replace("num_samples: 5", "num_samples: 2"))
+    try:
+        assert main(["search", str(tmp_path / "spec.yaml")]) == 0
+    finally:
+        ray.shutdown()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["supernet"] == record and run["layer_order"] == trained_order
     assert main(["train-supernet", str(tiny_run / "spec.yaml"), "--out", str(out),
                  "--data", "wikitext2"]) == 2
 
