@@ -2,17 +2,21 @@
 
 A teacher of a model's shapes (random weights built on each worker's GPU) and a student
 cut from it (every layer, `--mlp` of the MLP neurons and `--kv` of the KV heads) train with
-`prunetune.training.distributed.distill_on_workers` on random tokens, for each worker
-count of `--workers`. Every worker runs one micro-batch of `--micro-batch` windows per
-optimizer step, so N workers train on N times the windows per step (weak scaling, as data
-parallelism is used). Prints student tokens per second (steps after the first three) and
-the speed-up over the first worker count, and the peak GPU memory of a worker. With an 8B
-teacher and a student whose training state (16 bytes a parameter with AdamW) does not fit
-one GPU, the one-GPU run fails for memory and the table says so.
+`prunetune.training.distributed.distill_on_workers` on random tokens, for each ZeRO stage
+of `--zero`, micro-batch size of `--micro-batch` and worker count of `--workers`. Every
+worker runs one micro-batch per optimizer step, so N workers train on N times the windows
+per step (weak scaling, as data parallelism is used). Prints student tokens per second
+(steps after the first three), the speed-up over the first worker count of the same stage
+and micro-batch (the issue's goal: at least 1.8 on two GPUs), and the peak GPU memory of a
+worker. With `--single`, the same pair also trains in this process with
+`training.distill.distill` (no Ray, no DeepSpeed), and the speed-ups over it are printed
+too. With an 8B teacher and a student whose training state (16 bytes a parameter) does not
+fit one GPU, the one-GPU run fails for memory and the table says so. The JSON report is
+rewritten after every run, so a run cut short keeps what it measured.
 
     python benchmarks/distill_workers.py [--config tests/fixtures/configs/smollm2-135m.json]
-        [--workers 1 2] [--zero 2] [--mlp 0.5] [--kv 0.5] [--seq-len 512]
-        [--micro-batch 8] [--steps 20] [--out results/distill-workers.json]
+        [--workers 1 2] [--zero 0 2] [--mlp 0.5] [--kv 0.5] [--seq-len 512]
+        [--micro-batch 8 32] [--steps 20] [--single] [--out results/distill-workers.json]
 """
 
 from __future__ import annotations
@@ -30,8 +34,12 @@ from prunetune.evaluators.model import random_model
 from prunetune.evaluators.surgery import extract
 from prunetune.search_spaces import SubnetConfig
 from prunetune.search_spaces.cost import count_params
-from prunetune.training.distributed import WorkerSettings, distill_on_workers
+from prunetune.training.distill import distill
+from prunetune.training.distributed import ZERO_STAGES, WorkerSettings, distill_on_workers
 from prunetune.training.settings import DistillSettings
+
+GOAL = 1.8
+"""The issue's goal for two GPUs' tokens/s over one's."""
 
 SMOLLM2 = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "configs" / "smollm2-135m.json"
 
@@ -61,34 +69,86 @@ def peak_memory(_: torch.nn.Module) -> None:
     print(f"PEAK_GIB {torch.cuda.max_memory_allocated() / 2**30:.2f}", flush=True)
 
 
-def one_count(args: argparse.Namespace, config, subnet: SubnetConfig, workers: int) -> dict:
+def one_count(args: argparse.Namespace, config, subnet: SubnetConfig, zero: int,
+              micro_batch: int, workers: int) -> dict:
     """Train on `workers` GPUs; tokens/s, or the error that stopped it."""
-    settings = DistillSettings(tokens=args.steps * workers * args.micro_batch * args.seq_len,
-                               seq_len=args.seq_len, micro_batch=args.micro_batch,
-                               accumulation=workers, checkpoint_every=10 ** 9)
+    settings = worker_settings(args, micro_batch, workers)
     windows = torch.randint(0, config.vocab_size,
                             (settings.steps * settings.windows_per_step, args.seq_len))
     placement = WorkerSettings(workers=workers, storage=tempfile.mkdtemp(prefix="distill-"),
-                               name=f"w{workers}", use_gpu=True, zero_stage=args.zero)
+                               name=f"z{zero}-m{micro_batch}-w{workers}", use_gpu=True,
+                               zero_stage=zero)
     build = functools.partial(random_pair, str(args.config.resolve()), subnet)
+    row = {"zero_stage": zero, "micro_batch": micro_batch, "workers": workers}
     try:
         result = distill_on_workers(build, windows, settings, placement, finish=peak_memory)
     except RuntimeError as exc:
-        return {"workers": workers, "error": str(exc)[:300]}
-    return {"workers": workers, "steps": result.steps, "tokens_per_s": result.tokens_per_s,
+        return {**row, "error": str(exc)[:300]}
+    return {**row, "steps": result.steps, "tokens_per_s": result.tokens_per_s,
             "first_loss": result.losses[0], "last_loss": result.losses[-1]}
+
+
+def worker_settings(args: argparse.Namespace, micro_batch: int, workers: int) -> DistillSettings:
+    """One micro-batch of `micro_batch` windows per worker and optimizer step."""
+    return DistillSettings(tokens=args.steps * workers * micro_batch * args.seq_len,
+                           seq_len=args.seq_len, micro_batch=micro_batch, accumulation=workers,
+                           checkpoint_every=10 ** 9)
+
+
+def single_process(args: argparse.Namespace, config, subnet: SubnetConfig,
+                   micro_batch: int) -> dict:
+    """The same pair and steps in this process on one GPU, without Ray or DeepSpeed."""
+    teacher, student = random_pair(str(args.config.resolve()), subnet, torch.device("cuda"))
+    settings = worker_settings(args, micro_batch, 1)
+    windows = torch.randint(0, config.vocab_size,
+                            (settings.steps * settings.windows_per_step, args.seq_len))
+    result = distill(teacher, student, windows, settings)
+    del teacher, student
+    torch.cuda.empty_cache()
+    return {"micro_batch": micro_batch, "workers": 1, "single_process": True,
+            "steps": result.steps, "tokens_per_s": result.tokens_per_s}
+
+
+def add_speedups(rows: list[dict], singles: dict[int, float]) -> None:
+    """Each row's speed-up over the first worker count of its stage and micro-batch, and
+    over the single process of its micro-batch."""
+    for row in rows:
+        if "tokens_per_s" not in row:
+            continue
+        base = next((r.get("tokens_per_s") for r in rows
+                     if (r["zero_stage"], r["micro_batch"]) ==
+                     (row["zero_stage"], row["micro_batch"])), None)
+        if base:
+            row["speedup"] = row["tokens_per_s"] / base
+        if row["micro_batch"] in singles:
+            row["speedup_over_single"] = row["tokens_per_s"] / singles[row["micro_batch"]]
+
+
+def summary(row: dict) -> str:
+    """One line of a row: its tokens/s and speed-ups, or its error."""
+    head = f"ZeRO-{row['zero_stage']}, micro-batch {row['micro_batch']}, {row['workers']} GPU(s): "
+    if "error" in row:
+        return head + "failed: " + row["error"]
+    line = head + f"{row['tokens_per_s']:,.0f} tok/s"
+    if "speedup" in row:
+        line += f", {row['speedup']:.2f}x over the first worker count (goal >= {GOAL} for 2)"
+    if "speedup_over_single" in row:
+        line += f", {row['speedup_over_single']:.2f}x over one process without DeepSpeed"
+    return line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=SMOLLM2)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--zero", type=int, default=2, choices=(2, 3))
+    parser.add_argument("--zero", type=int, nargs="+", default=[0, 2], choices=ZERO_STAGES)
     parser.add_argument("--mlp", type=float, default=0.5)
     parser.add_argument("--kv", type=float, default=0.5)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, nargs="+", default=[8])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--single", action="store_true",
+                        help="also train in this process without Ray or DeepSpeed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     import ray
@@ -97,21 +157,31 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=True)
     config = AutoConfig.from_pretrained(args.config)
     subnet = narrowed(config, args.mlp, args.kv)
-    rows = [one_count(args, config, subnet, n) for n in args.workers]
-    base = next((r["tokens_per_s"] for r in rows if "tokens_per_s" in r), None)
-    for row in rows:
-        if base and "tokens_per_s" in row:
-            row["speedup"] = row["tokens_per_s"] / base
     student = count_params(config, subnet)
     report = {"gpu": torch.cuda.get_device_name(), "config": args.config.name,
               "teacher_params": count_params(config, SubnetConfig.dense(config)),
               "student_params": student, "training_state_gib": student * 16 / 2**30,
               "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
-              "zero_stage": args.zero, "seq_len": args.seq_len,
-              "micro_batch_per_worker": args.micro_batch, "rows": rows}
+              "seq_len": args.seq_len, "single": [], "rows": []}
+    singles: dict[int, float] = {}
+    if args.single:
+        for size in args.micro_batch:
+            single = single_process(args, config, subnet, size)
+            singles[size] = single["tokens_per_s"]
+            report["single"].append(single)
+            print(f"one process, micro-batch {size}: {single['tokens_per_s']:,.0f} tok/s",
+                  flush=True)
+    for zero in args.zero:
+        for size in args.micro_batch:
+            for workers in args.workers:
+                report["rows"].append(one_count(args, config, subnet, zero, size, workers))
+                add_speedups(report["rows"], singles)
+                print(summary(report["rows"][-1]), flush=True)
+                if args.out:
+                    args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    for row in report["rows"]:
+        print(summary(row))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The `prunetune` command, end to end on a tiny model with the real evaluator."""
 
+import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -9,11 +11,13 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
+from prunetune.evaluators.evaluator import Evaluator
+from prunetune.evaluators.importance import SORTED_SCORES_FILE, ImportanceScores
 from prunetune.evaluators.model import random_model, tiny_config
 from prunetune.orchestrator import search
 from prunetune.orchestrator.cli import main
 from prunetune.orchestrator.results import ResultLog
-from prunetune.orchestrator.spec import default_spec
+from prunetune.orchestrator.spec import default_spec, load_spec
 
 
 @pytest.fixture(scope="module")
@@ -141,16 +145,54 @@ def test_recover_on_two_workers_exports_the_distilled_point(tiny_run, tmp_path, 
     assert (out / "tokenizer_config.json").is_file()
 
 
-def test_train_supernet_writes_a_model_a_spec_can_name(tiny_run, tmp_path, capsys) -> None:
+def test_train_supernet_writes_a_model_a_spec_can_name(tiny_run, tmp_path, capfd) -> None:
     out = tmp_path / "supernet"
     assert main(["train-supernet", str(tiny_run / "spec.yaml"), "--out", str(out),
-                 "--tokens", "1024", "--seq-len", "32", "--top-k", "8"]) == 0
-    assert "super-network on 1,024 tokens of gutenberg" in capsys.readouterr().out
+                 "--tokens", "1024", "--seq-len", "32", "--top-k", "8",
+                 "--strategy", "random", "--random", "3"]) == 0
+    assert "super-network (random) on 1,024 tokens of gutenberg" in capfd.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 4 and (out / "tokenizer_config.json").is_file()
     assert any((out / "checkpoint").iterdir())
+    record = json.loads((out / "supernet.json").read_text())
+    assert record["strategy"] == {"strategy": "random", "random_count": 3}
+    assert record["trained_tokens"] == 1024 and record["base_model"] == load_spec(
+        tiny_run / "spec.yaml").model
+    # Searched, it keeps the order it was trained in: nothing is permuted again.
+    settings = replace(load_spec(tiny_run / "spec.yaml").evaluator_settings(), model=str(out),
+                       tasks=())
+    evaluator = Evaluator(settings, "supernet-search")
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(evaluator.model.state_dict()[name], weight.to(
+            evaluator.model.dtype), rtol=0, atol=0, msg=name)
+    trained_order = ImportanceScores.load(out / SORTED_SCORES_FILE).layer_order()
+    assert evaluator.info()["layer_order"] == trained_order
+    spec = (tiny_run / "spec.yaml").read_text().replace(str(tiny_run / "model"), str(out))
+    (tmp_path / "spec.yaml").write_text(spec.replace(str(tiny_run / "run"), str(tmp_path / "run"))
+                                        .replace("num_samples: 5", "num_samples: 2"))
+    try:
+        assert main(["search", str(tmp_path / "spec.yaml")]) == 0
+    finally:
+        ray.shutdown()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["supernet"] == record and run["layer_order"] == trained_order
     assert main(["train-supernet", str(tiny_run / "spec.yaml"), "--out", str(out),
                  "--data", "wikitext2"]) == 2
+
+
+@pytest.mark.slow
+def test_train_supernet_on_two_workers_writes_the_same_folder(tiny_run, tmp_path) -> None:
+    out = tmp_path / "supernet"
+    try:
+        assert main(["train-supernet", str(tiny_run / "spec.yaml"), "--out", str(out),
+                     "--tokens", "1024", "--seq-len", "32", "--top-k", "8",
+                     "--workers", "2"]) == 0
+    finally:
+        ray.shutdown()
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+    assert (out / SORTED_SCORES_FILE).is_file() and (out / "tokenizer_config.json").is_file()
+    record = json.loads((out / "supernet.json").read_text())
+    assert record["workers"] == 2 and record["trained_tokens"] == 1024
 
 
 def test_recover_refuses_evaluation_text(tiny_run, tmp_path, capsys) -> None:

@@ -29,9 +29,11 @@ from prunetune.training.data import (
 )
 from prunetune.training import distill as distill_module
 from prunetune.training.distill import distill
+from prunetune.training import loss as loss_module
 from prunetune.training.loss import distill_loss_sum
 from prunetune.training.lora import add_lora, merge_lora
 from prunetune.training.settings import DistillSettings
+from prunetune.training.teacher import teacher_top_k
 
 TESTS = Path(__file__).resolve().parent
 SEQ = 32
@@ -64,25 +66,42 @@ def states(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("temperature, top_k, lm_weight", [(1.0, None, 0.0), (2.0, 5, 0.5)])
-def test_chunked_loss_equals_an_unchunked_reference(temperature: float, top_k: int | None,
-                                                    lm_weight: float) -> None:
+LOSS_CASES = [(1.0, None, 0.0), (2.0, 5, 0.5), (1.0, 5, 0.3), (0.5, None, 1.0)]
+"""Temperature, top-k and LM weight; a cache holds top-k logits only."""
+
+
+@pytest.mark.parametrize("temperature, top_k, lm_weight, cached",
+                         [(*case, False) for case in LOSS_CASES]
+                         + [(*case, True) for case in LOSS_CASES if case[1] is not None])
+@pytest.mark.parametrize("recomputed", [False, True])
+def test_chunked_loss_equals_an_unchunked_reference(
+        temperature: float, top_k: int | None, lm_weight: float, cached: bool,
+        recomputed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if recomputed:
+        monkeypatch.setattr(loss_module, "KEPT_GRADIENT_ELEMENTS", 0)
     teacher, student = pair()
     ids = windows(3)
-    loss = distill_loss_sum(teacher, student, ids, temperature, top_k, lm_weight, chunks=4)
+    cache = teacher_top_k(teacher, ids, top_k) if cached else None
+    loss = distill_loss_sum(None if cached else teacher, student, ids, temperature, top_k,
+                            lm_weight, chunks=4,
+                            teacher_top=cache and (cache.values, cache.indices))
     loss.backward()
     chunked = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()
 
-    t_logits = teacher(ids).logits[:, :-1].flatten(0, 1).detach() / temperature
     s_logits = student(ids).logits[:, :-1].flatten(0, 1) / temperature
+    if cached:
+        top, index = cache.values.flatten(0, 1).float() / temperature, cache.indices.flatten(0, 1)
+    else:
+        t_logits = teacher(ids).logits[:, :-1].flatten(0, 1).detach() / temperature
     if top_k is None:
         p = t_logits.softmax(-1)
         kl = (p * (p.log() - s_logits.log_softmax(-1))).sum()
     else:
-        top, index = t_logits.topk(top_k, -1)
+        if not cached:
+            top, index = t_logits.topk(top_k, -1)
         p = top.softmax(-1)
-        kl = (p * (p.log() - s_logits.log_softmax(-1).gather(-1, index))).sum()
+        kl = (p * (p.log() - s_logits.log_softmax(-1).gather(-1, index.long()))).sum()
     ce = F.cross_entropy(s_logits * temperature, ids[:, 1:].reshape(-1), reduction="sum")
     reference = temperature ** 2 * kl + lm_weight * ce
     reference.backward()
@@ -307,8 +326,6 @@ def test_windows_of_another_length_are_refused() -> None:
 
 
 def test_a_cached_teacher_trains_the_student_as_the_live_top_k_teacher_does() -> None:
-    from prunetune.training.teacher import teacher_top_k
-
     settings = replace(QUICK, top_k=8, tokens=SEQ * 8 * 4)
     teacher, live = pair()
     teacher.to(torch.bfloat16)  # the cache keeps bfloat16 logits: a bf16 teacher's, exactly

@@ -1,5 +1,6 @@
-"""Measured latency: the eager path, the choice of mode, the shape cache, and (on a GPU)
-the captured decode step against eager decode."""
+"""Measured latency: the eager path, the choice of mode, the shape cache, the compiled
+decode step against eager decode, and (on a GPU) the captured decode steps against eager
+decode."""
 
 import json
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 
 from prunetune.evaluators.latency import (
-    DecodeGraph, LatencyCache, latency_mode, latency_model, prefill_greedy, prune_2_4_,
-    semi_structured_layers, semi_structured_linears, shape_key, subnet_latency,
+    INDUCTOR_MODE, DecodeGraph, LatencyCache, compile_step, greedy_step, latency_mode,
+    latency_model, prefill_greedy, prune_2_4_, semi_structured_layers, semi_structured_linears,
+    shape_key, subnet_latency,
 )
 from prunetune.evaluators.model import random_model, tiny_config
 from prunetune.evaluators.settings import LatencySettings
@@ -31,18 +33,22 @@ def test_eager_latency_on_cpu() -> None:
     _assert_latency_metrics(result)
 
 
-def test_graph_mode_needs_cuda_and_a_cache_that_advances_on_the_device() -> None:
+@pytest.mark.parametrize("mode", ["graph", "compiled"])
+def test_captured_modes_need_cuda_and_a_cache_that_advances_on_the_device(mode: str) -> None:
     llama, mistral = tiny_config("llama"), tiny_config("mistral")  # Mistral: sliding window
-    assert latency_mode(SMALL, "cuda", llama) == "graph"
-    assert latency_mode(SMALL, "cpu", llama) == "eager"
-    assert latency_mode(SMALL, "cuda", mistral) == "eager"
+    asked = LatencySettings(**{**SMALL.__dict__, "mode": mode})
+    assert latency_mode(asked, "cuda", llama) == mode
+    assert latency_mode(asked, "cpu", llama) == "eager"
+    assert latency_mode(asked, "cuda", mistral) == "eager"
     eager = LatencySettings(mode="eager")
     assert latency_mode(eager, "cuda", llama) == "eager"
 
 
-def test_graph_asked_on_cpu_is_measured_and_cached_as_eager() -> None:
+@pytest.mark.parametrize("mode", ["graph", "compiled"])
+def test_a_captured_mode_asked_on_cpu_is_measured_and_cached_as_eager(mode: str) -> None:
     cache = LatencyCache()
-    first = subnet_latency(tiny_config("llama"), SUBNET, SMALL, "cpu", torch.float32, cache)
+    asked = LatencySettings(**{**SMALL.__dict__, "mode": mode})
+    first = subnet_latency(tiny_config("llama"), SUBNET, asked, "cpu", torch.float32, cache)
     (key,) = cache.results
     assert json.loads(key)["settings"]["mode"] == "eager"
     eager = LatencySettings(**{**SMALL.__dict__, "mode": "eager"})
@@ -51,16 +57,17 @@ def test_graph_asked_on_cpu_is_measured_and_cached_as_eager() -> None:
 
 
 def test_the_shape_key_includes_the_mode() -> None:
-    graph = shape_key(SUBNET, SMALL, "cuda", torch.bfloat16)
-    eager = shape_key(SUBNET, LatencySettings(**{**SMALL.__dict__, "mode": "eager"}), "cuda",
-                      torch.bfloat16)
-    assert graph != eager
-    assert json.loads(graph)["settings"]["mode"] == "graph"
+    keys = {mode: shape_key(SUBNET, LatencySettings(**{**SMALL.__dict__, "mode": mode}), "cuda",
+                            torch.bfloat16)
+            for mode in ("graph", "compiled", "eager")}
+    assert len(set(keys.values())) == 3
+    assert all(json.loads(key)["settings"]["mode"] == mode for mode, key in keys.items())
 
 
 def test_an_unknown_mode_is_refused() -> None:
-    with pytest.raises(ValueError, match="latency.mode must be one of graph, eager"):
-        LatencySettings(mode="compiled")
+    with pytest.raises(ValueError, match="^latency.mode must be one of graph, compiled, eager, "
+                                         "got 'turbo'$"):
+        LatencySettings(mode="turbo")
 
 
 def _eager_greedy(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
@@ -75,14 +82,35 @@ def _eager_greedy(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> l
     return logits
 
 
-def _graph_greedy(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """The same through a static cache and the captured decode step."""
+@pytest.mark.slow  # inductor's C++ compilation: about 45 s on 2 CPU cores, 5 s once cached
+@torch.inference_mode()
+def test_the_compiled_step_gives_the_logits_of_eager_decode_at_every_position() -> None:
+    """On CPU: the decode step compiles whole (no graph break) over transformers'
+    StaticCache, and one compilation serves every position."""
+    from transformers import StaticCache
+
+    config = tiny_config("llama")
+    model = random_subnet_model(config, SUBNET, torch.float32, "cpu", seed=2)
+    prompt = torch.randint(0, config.vocab_size, (2, 8))
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + 4)
+    token = torch.empty(prompt.shape[0], 1, dtype=torch.long)
+    step = compile_step(lambda: greedy_step(model, cache, token), INDUCTOR_MODE)
+    compiled = [prefill_greedy(model, prompt, cache, token).clone(), step().clone()]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled += [step().clone() for _ in range(3)]
+    for position, (e, c) in enumerate(zip(_eager_greedy(model, prompt, 4), compiled)):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4, msg=f"step {position}")
+
+
+def _graph_greedy(model: torch.nn.Module, prompt: torch.Tensor, steps: int,
+                  inductor_mode: str | None) -> list[torch.Tensor]:
+    """The same through a static cache and the captured (compiled or plain) decode step."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps)
     token = torch.empty(prompt.shape[0], 1, dtype=torch.long, device=prompt.device)
     prefill_greedy(model, prompt, cache, token)
-    graph = DecodeGraph(model, cache, token)
+    graph = DecodeGraph(model, cache, token, inductor_mode)
     cache.reset()
     logits = [prefill_greedy(model, prompt, cache, token).clone()]
     for _ in range(steps):
@@ -92,24 +120,29 @@ def _graph_greedy(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> l
 
 
 @needs_cuda
+@pytest.mark.parametrize("inductor_mode", [None, INDUCTOR_MODE], ids=["graph", "compiled"])
 @pytest.mark.parametrize("subnet", [None, SUBNET], ids=["dense", "per-layer-widths"])
 @torch.inference_mode()
-def test_graph_decode_gives_the_logits_of_eager_decode(subnet: SubnetConfig | None) -> None:
+def test_graph_decode_gives_the_logits_of_eager_decode(subnet: SubnetConfig | None,
+                                                       inductor_mode: str | None) -> None:
     config = tiny_config("llama")
     model = (random_model(config, seed=2, device="cuda") if subnet is None
              else random_subnet_model(config, subnet, torch.float32, "cuda", seed=2))
     prompt = torch.randint(0, config.vocab_size, (2, 8), device="cuda")
-    eager, graph = _eager_greedy(model, prompt, 6), _graph_greedy(model, prompt, 6)
+    eager = _eager_greedy(model, prompt, 6)
+    graph = _graph_greedy(model, prompt, 6, inductor_mode)
     for step, (e, g) in enumerate(zip(eager, graph)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
 @needs_cuda
-def test_graph_latency_on_a_gpu() -> None:
+@pytest.mark.parametrize("mode", ["graph", "compiled"])
+def test_captured_latency_on_a_gpu(mode: str) -> None:
     cache = LatencyCache()
-    result = subnet_latency(tiny_config("llama"), SUBNET, SMALL, "cuda", torch.bfloat16, cache)
+    asked = LatencySettings(**{**SMALL.__dict__, "mode": mode})
+    result = subnet_latency(tiny_config("llama"), SUBNET, asked, "cuda", torch.bfloat16, cache)
     _assert_latency_metrics(result)
-    assert json.loads(next(iter(cache.results)))["settings"]["mode"] == "graph"
+    assert json.loads(next(iter(cache.results)))["settings"]["mode"] == mode
 
 
 TWO_FOUR = SubnetConfig(layers=(0, 1, 2), kv_heads=(2, 2, 2), q_per_kv=(2, 2, 2), mlp=(128, 128, 64),

@@ -27,7 +27,9 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from prunetune.evaluators.data import token_windows
-from prunetune.evaluators.importance import ImportanceScores, activation_scores, magnitude_scores
+from prunetune.evaluators.importance import (
+    ImportanceScores, activation_scores, magnitude_scores, saved_order,
+)
 from prunetune.evaluators.model import cache_dir, resolve_source
 from prunetune.evaluators.settings import EvaluatorSettings
 from prunetune.search_spaces.subnet import SubnetConfig
@@ -149,12 +151,16 @@ def sorting_scores(settings: EvaluatorSettings, compute: Callable[[], Importance
                    share: Callable[[Any], Any] = _same, writer: bool = True) -> ImportanceScores | None:
     """The scores to sort the weights by: the cached ones, or `compute()`, then cached.
 
-    None when `settings.importance` is "none". In a group, `share` hands the writer's
+    None when `settings.importance` is "none"; the scores a checkpoint folder was saved
+    sorted by (a trained super-network's, `importance.saved_order`) when it has them. In a group, `share` hands the writer's
     value to every rank: only the writer reads and writes the cache, while `compute` runs
     on every rank (it may be collective) and the writer's result is the one used.
     """
     if settings.importance == "none":
         return None
+    saved = saved_order(resolve_source(settings.model))
+    if saved is not None:
+        return saved
     path = importance_cache_path(settings)
     cached = share(ImportanceScores.load(path) if writer and os.path.isfile(path) else None)
     if cached is not None and not lacks_input_norms(cached):

@@ -271,14 +271,34 @@ def _expand(units: torch.Tensor, width: int) -> torch.Tensor:
     return (units[:, None] * width + torch.arange(width)).reshape(-1)
 
 
+SORTED_SCORES_FILE = "importance.safetensors"
+"""In a checkpoint folder saved with its weights in importance order (a trained
+super-network), the scores of that order: a search of it keeps the order it was trained in."""
+
+
+def saved_order(source: str) -> ImportanceScores | None:
+    """The scores a checkpoint folder's weights are already sorted by; None if it has none."""
+    path = Path(source) / SORTED_SCORES_FILE
+    return ImportanceScores.load(path) if path.is_file() else None
+
+
+def in_model_order(scores: ImportanceScores) -> bool:
+    """Whether the scores are those of the weights' current order (`permute_model`'s
+    result, or `saved_order`'s): sorting by them moves nothing."""
+    return scores.meta.get("permuted") == "true"
+
+
 @torch.no_grad()
 def permute_model(model: nn.Module, scores: ImportanceScores) -> ImportanceScores:
     """Sort the model's weights in place by importance; return the scores in the new order.
 
     The model's logits are unchanged (to float32 rounding): heads move with their group's
     keys and values, neurons with their gate/up rows and down column, and embedding
-    channels everywhere at once (tied embeddings are one tensor, permuted once).
+    channels everywhere at once (tied embeddings are one tensor, permuted once). Scores
+    already in the model's order (`in_model_order`) leave it as it is.
     """
+    if in_model_order(scores):
+        return scores
     a, d = adapter_for(model), ModelDims.from_config(model.config)
     channels = descending(scores.embed)
     for param, dim in residual_tables(model, a):

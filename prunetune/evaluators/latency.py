@@ -5,7 +5,7 @@ then several timed repetitions, reported as the median with its spread. Latency 
 the shapes only, so it runs on random weights of the sub-network's shapes and is cached by
 shape: two sub-networks with the same widths (whichever layers they keep) share a result.
 
-Two modes (`LatencySettings.mode`), each cached under its own key:
+Three modes (`LatencySettings.mode`), each cached under its own key:
 
 - `graph` (the default; CUDA): what a deployment runs. A transformers `StaticCache` of
   P + D positions; prefill is one forward through the fused SDPA kernels (flash attention
@@ -13,11 +13,18 @@ Two modes (`LatencySettings.mode`), each cached under its own key:
   step (forward of one token per sequence, argmax, the token fed back, the cache advanced)
   captured once in a CUDA graph and replayed D times back to back, with no host work in
   between. `latency_decode_ms` is the time of those D replays over D: milliseconds per
-  generated token of the whole batch.
+  generated token of the whole batch. The captured step is Hugging Face's modules as they
+  are: each norm, rotary embedding and cache write is several small kernels.
+- `compiled` (CUDA): `graph` with the decode step compiled whole first, by torch.compile's
+  inductor for these exact shapes (`compile_step`), so that each layer's norms, rotary
+  embedding, cache writes, activation and residual adds become a few fused kernels; the
+  compiled step is then captured and replayed as in `graph`. Prefill is `graph`'s. The
+  compilation (tens of seconds for an 8B model) is paid once per shape, as the result is
+  cached by shape.
 - `eager`: every step launched from Python on a growing `DynamicCache`, each decode step
   timed alone with the median over the D steps; prefill keeps every position's logits.
   On a GPU it is bound by launch overhead, so pruning widths hardly moves it. It is what
-  runs on CPU, and wherever graph mode cannot (`latency_mode`).
+  runs on CPU, and wherever the other modes cannot (`latency_mode`).
 
 Times are CUDA events on a GPU, wall time on CPU, in milliseconds.
 
@@ -81,29 +88,39 @@ def _summary(name: str, samples: list[float]) -> dict[str, float]:
             f"latency_{name}_max_ms": ordered[-1]}
 
 
-def latency_mode(settings: LatencySettings, device: torch.device | str, model_config: Any) -> str:
-    """The mode that runs: `graph` where asked and possible, else `eager`.
+INDUCTOR_MODE = "default"
+"""The torch.compile mode of `compiled`: one without CUDA graphs of its own, as the compiled
+step is captured in ours."""
 
-    A CUDA graph needs a CUDA device, and a cache that advances on the device: transformers
-    tracks the fill of a sliding-window layer's static cache on the host, so a captured step
-    would replay one position forever. Elsewhere the eager figure is measured, and cached
-    under mode `eager`.
+
+def latency_mode(settings: LatencySettings, device: torch.device | str, model_config: Any) -> str:
+    """The mode that runs: `graph` or `compiled` where asked and possible, else `eager`.
+
+    Both capture a CUDA graph, which needs a CUDA device, and a cache that advances on the
+    device: transformers tracks the fill of a sliding-window layer's static cache on the
+    host, so a captured step would replay one position forever. Elsewhere the eager figure
+    is measured, and cached under mode `eager`.
     """
     from transformers import StaticCache
 
     if settings.mode == "eager" or torch.device(device).type != "cuda":
         return "eager"
     sliding = StaticCache(config=model_config, max_cache_len=1).is_sliding
-    return "eager" if any(sliding) else "graph"
+    return "eager" if any(sliding) else settings.mode
 
 
 @torch.inference_mode()
-def measure_latency(model: nn.Module, settings: LatencySettings) -> dict[str, float]:
-    """Median, min and max of prefill time and of per-token decode time, in milliseconds."""
+def measure_latency(model: nn.Module, settings: LatencySettings,
+                    inductor_mode: str = INDUCTOR_MODE) -> dict[str, float]:
+    """Median, min and max of prefill time and of per-token decode time, in milliseconds.
+
+    `inductor_mode` is the torch.compile mode of mode `compiled` (one without CUDA graphs).
+    """
     device = next(model.parameters()).device
-    if latency_mode(settings, device, model.config) == "graph":
-        return _graph_latency(model, settings, device)
-    return _eager_latency(model, settings, device)
+    mode = latency_mode(settings, device, model.config)
+    if mode == "eager":
+        return _eager_latency(model, settings, device)
+    return _graph_latency(model, settings, device, inductor_mode if mode == "compiled" else None)
 
 
 def _eager_latency(model: nn.Module, settings: LatencySettings,
@@ -127,9 +144,10 @@ def _eager_latency(model: nn.Module, settings: LatencySettings,
     return {**_summary("prefill", prefill), **_summary("decode", decode)}
 
 
-def _graph_latency(model: nn.Module, settings: LatencySettings,
-                   device: torch.device) -> dict[str, float]:
-    """Prefill into a static cache, then the captured decode step replayed back to back."""
+def _graph_latency(model: nn.Module, settings: LatencySettings, device: torch.device,
+                   inductor_mode: str | None) -> dict[str, float]:
+    """Prefill into a static cache, then the captured decode step (compiled first, in
+    `inductor_mode`, unless None) replayed back to back."""
     from transformers import StaticCache
 
     timer = _Timer(device)
@@ -139,7 +157,7 @@ def _graph_latency(model: nn.Module, settings: LatencySettings,
     token = torch.empty(settings.batch_size, 1, dtype=torch.long, device=device)
     cache = StaticCache(config=model.config, max_cache_len=settings.prompt_tokens + tokens)
     prefill_greedy(model, prompt, cache, token)
-    graph = DecodeGraph(model, cache, token)
+    graph = DecodeGraph(model, cache, token, inductor_mode)
     prefill, decode = [], []
     for run in range(settings.warmup + settings.repeats):
         cache.reset()
@@ -162,6 +180,27 @@ def prefill_greedy(model: nn.Module, prompt: torch.Tensor, cache: Any,
     return logits
 
 
+def greedy_step(model: nn.Module, cache: Any, token: torch.Tensor) -> torch.Tensor:
+    """One greedy decode step: `token` (batch, 1) in, its logits out, their argmax written
+    back into `token`, `cache` advanced by one position."""
+    logits = model(token, past_key_values=cache, use_cache=True).logits
+    token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+    return logits
+
+
+def compile_step(step: Callable[[], torch.Tensor],
+                 inductor_mode: str) -> Callable[[], torch.Tensor]:
+    """`step` compiled whole (no graph break allowed) by inductor, for its exact shapes.
+
+    The first call compiles. The cache's fill counter is a tensor, so every later position
+    runs the same code. Compiled code of earlier calls is dropped first: each sub-network
+    shape compiles the same Python code anew, and a search measures more shapes than
+    torch.compile keeps versions of one function.
+    """
+    torch.compiler.reset()
+    return torch.compile(step, fullgraph=True, dynamic=False, mode=inductor_mode)
+
+
 class DecodeGraph:
     """One greedy decode step over a static KV cache, captured in a CUDA graph.
 
@@ -169,25 +208,27 @@ class DecodeGraph:
     logits into `logits` and the argmax back into `token`, and advances `cache` by one
     position. The positions, the causal mask and the cache writes all derive from the
     cache's fill counters, which live on the device, so one capture serves every position:
-    no compilation, and no tensor to update between replays. Capturing does not run the
-    step, but the warm-up before it does: reset the cache before the first real prefill.
+    no tensor to update between replays. With an `inductor_mode`, the step is compiled
+    (`compile_step`) before it is captured; without, Hugging Face's modules are captured
+    as they are. Capturing does not run the step, but the warm-up before it does (and
+    compiles): reset the cache before the first real prefill.
     """
 
-    def __init__(self, model: nn.Module, cache: Any, token: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, cache: Any, token: torch.Tensor,
+                 inductor_mode: str | None = None) -> None:
         self.model, self.cache, self.token = model, cache, token
+        step = self._step if inductor_mode is None else compile_step(self._step, inductor_mode)
         side = torch.cuda.Stream(token.device)
         side.wait_stream(torch.cuda.current_stream(token.device))
         with torch.cuda.stream(side):
-            self._step()  # lazy library and workspace set-up stays out of the graph
+            step()  # compilation, lazy library and workspace set-up stay out of the graph
         torch.cuda.current_stream(token.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(self.graph):
+            self.logits = step()
 
     def _step(self) -> torch.Tensor:
-        logits = self.model(self.token, past_key_values=self.cache, use_cache=True).logits
-        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
-        return logits
+        return greedy_step(self.model, self.cache, self.token)
 
     def replay(self, steps: int) -> None:
         """Decode `steps` tokens: the captured step, launched `steps` times."""

@@ -61,18 +61,25 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def hidden_states(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    use_cache: bool = False,
 ) -> torch.Tensor:
-    """The decoder's final hidden states `[batch, len, hidden]`, before the LM head."""
+    """The decoder's final hidden states `[batch, len, hidden]`, before the LM head.
+
+    With `use_cache`, the forward pass fills a throw-away key-value cache (tensors that
+    training saves for its backward pass anyway). Without a cache and a mask, transformers
+    checks the positions for packed sequences, which reads a value back to the host: a
+    host-device synchronisation in every forward pass, which a training step avoids.
+    """
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           use_cache=False)
+                           use_cache=use_cache)
     return out.last_hidden_state
 
 
-def logit_chunks(rows: int, vocab_size: int) -> int:
+def logit_chunks(rows: int, vocab_size: int, elements: int = LOGIT_CHUNK_ELEMENTS) -> int:
     """Chunks of `rows` LM-head rows that keep each chunk's float32 logits within
-    `LOGIT_CHUNK_ELEMENTS` (at least one)."""
-    return max(1, math.ceil(rows / max(1, LOGIT_CHUNK_ELEMENTS // vocab_size)))
+    `elements` (at least one)."""
+    return max(1, math.ceil(rows / max(1, elements // vocab_size)))
 
 
 def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
@@ -86,7 +93,7 @@ def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     3-D (`[1, rows, hidden]`), because AutoTP's split LM head slices its input that way.
     """
     head = model.get_output_embeddings()
-    count = chunks or logit_chunks(hidden.shape[0], head.weight.shape[0])
+    count = chunks or logit_chunks(hidden.shape[0], model.config.vocab_size)
     parts = [-F.cross_entropy(head(h.unsqueeze(0)).squeeze(0).float(), t, reduction="none")
              for h, t in zip(hidden.tensor_split(count), targets.tensor_split(count))]
     return torch.cat(parts)

@@ -10,17 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-LATENCY_MODES = ("graph", "eager")
+LATENCY_MODES = ("graph", "compiled", "eager")
 """How decode is run: `graph` (a static KV cache, each step replayed from a CUDA graph, as a
-deployment would) or `eager` (a growing cache, each step launched from Python)."""
+deployment would), `compiled` (the same, the step compiled by torch.compile's inductor
+first, fusing each layer's small kernels) or `eager` (a growing cache, each step launched
+from Python)."""
 
 
 @dataclass(frozen=True)
 class LatencySettings:
     """What to time: prompt length, decoded tokens, batch, how often, and how decode runs.
 
-    `mode` `graph` runs only on a CUDA device (`latency.latency_mode` says where it falls
-    back to `eager`); `eager` stays available everywhere, for comparison.
+    `mode` `graph` and `compiled` run only on a CUDA device (`latency.latency_mode` says
+    where they fall back to `eager`); `eager` stays available everywhere, for comparison.
     """
 
     prompt_tokens: int = 128

@@ -13,9 +13,12 @@ import pandas as pd
 
 from prunetune.orchestrator.console import LOG_FILE, quiet_output
 from prunetune.orchestrator.spec import Spec, SpecError, default_spec, load_spec
-from prunetune.training.settings import DEFAULT_TRAINING_TEXT, DistillSettings
+from prunetune.training.settings import (
+    DEFAULT_TRAINING_TEXT, STRATEGIES, DistillSettings, SupernetSettings,
+)
 
 DISTILL = DistillSettings()
+SUPERNET = SupernetSettings()
 
 FRONT_COLUMNS = ("config_hash", "num_layers", "q_heads", "mlp", "embed", "params")
 VERBOSE_HELP = (f"show Ray's, Tune's and the libraries' output on the terminal (by default it "
@@ -88,22 +91,30 @@ def _parser() -> argparse.ArgumentParser:
         description="Train the spec's model as a weight-sharing super-network of its search "
                     "space (sandwich rule: each step trains the largest sub-network on the text "
                     "and the smallest and random ones to match it), then write it to DIR as a "
-                    "Hugging Face checkpoint that a spec's `model:` can name. Started again, a "
-                    "killed run resumes from DIR/checkpoint/.")
+                    "Hugging Face checkpoint that a spec's `model:` can name; its search keeps "
+                    "the importance order it was trained in. Started again, a killed run "
+                    "resumes from DIR/checkpoint/.")
     supernet.add_argument("spec", help="YAML spec file (model, search space, evaluation)")
     supernet.add_argument("--out", required=True, help="output directory")
     supernet.add_argument("--tokens", type=int, default=DISTILL.tokens,
                           help=f"training tokens (default {DISTILL.tokens:,})")
     supernet.add_argument("--seq-len", type=int, default=DISTILL.seq_len,
                           help=f"tokens per training window (default {DISTILL.seq_len})")
-    supernet.add_argument("--random", type=int, default=2,
-                          help="random sub-networks per step besides the largest and smallest "
-                               "(default 2)")
+    supernet.add_argument("--strategy", default=SUPERNET.strategy, choices=STRATEGIES,
+                          help="which sub-networks each step trains: sandwich (largest, "
+                               "smallest, random ones), random, ats, random_linear, standard "
+                               f"(largest only) (default {SUPERNET.strategy})")
+    supernet.add_argument("--random", type=int, default=SUPERNET.random_count,
+                          help="random sub-networks per step (default "
+                               f"{SUPERNET.random_count})")
     supernet.add_argument("--top-k", type=int, default=64,
                           help="size of the largest sub-network's distribution the others "
                                "learn (default 64)")
     supernet.add_argument("--data", default=DEFAULT_TRAINING_TEXT,
                           help="training text, as for recover (default gutenberg)")
+    supernet.add_argument("--workers", type=int, default=0,
+                          help="train on this many GPUs (Ray Train workers, DeepSpeed ZeRO-2), "
+                               "the spec's Ray cluster or a local one (default: this process)")
 
     plan = sub.add_parser("plan", help="GPUs per evaluator and evaluators per cluster",
                           description="How many GPUs one evaluator of the spec's model needs, "
@@ -341,31 +352,16 @@ def _recover_front(args: argparse.Namespace, settings: DistillSettings) -> int:
 
 
 def _train_supernet(args: argparse.Namespace) -> int:
-    from prunetune.evaluators.evaluator import Evaluator
-    from prunetune.orchestrator.search import build_space
-    from prunetune.training.data import refuse_evaluation_data, training_windows
-    from prunetune.training.supernet import train_supernet
+    from prunetune.orchestrator.supernet import train_spec_supernet
 
     settings = DistillSettings(tokens=args.tokens, seq_len=args.seq_len, top_k=args.top_k)
+    strategy = SupernetSettings(args.strategy, args.random)
     spec = load_spec(args.spec)
-    refuse_evaluation_data(args.data)
-    evaluator = Evaluator(replace(spec.evaluator_settings(), tasks=()), "supernet")
-    if evaluator.tokenizer is None:
-        raise ValueError(f"model {spec.model}: random weights have no tokenizer to read "
-                         "training text with")
-    info = evaluator.info()
-    space = build_space(spec, info["model_config"], info["layer_order"])
-    windows = training_windows(evaluator.tokenizer, args.data, settings.seq_len)
-    out = Path(args.out)
-    model = evaluator.model.float()
-    result = train_supernet(model, space, windows, settings, args.random, out / "checkpoint",
-                            evaluator.input_norms)
-    model.to(evaluator.dtype).save_pretrained(out)
-    evaluator.tokenizer.save_pretrained(out)
-    print(f"trained the {spec.search_space.preset} space's super-network on {result.tokens:,} "
-          f"tokens of {args.data} in {result.seconds:.0f} s: sandwich loss "
+    result = train_spec_supernet(spec, args.out, settings, strategy, args.data, args.workers)
+    print(f"trained the {spec.search_space.preset} space's super-network ({args.strategy}) on "
+          f"{result.tokens:,} tokens of {args.data} in {result.seconds:.0f} s: loss "
           f"{result.losses[0]:.4g} -> {result.final_loss:.4g}")
-    print(f"wrote {out}: name it as a spec's model to search it (importance is recomputed)")
+    print(f"wrote {args.out}: name it as a spec's model to search it")
     return 0
 
 

@@ -32,6 +32,7 @@ from prunetune.orchestrator.spec import Spec
 from prunetune.orchestrator.trial import Feasibility, TrialContext, evaluate_subnet, run_trial
 from prunetune.search_spaces.spaces import SearchSpace, make_space
 from prunetune.search_spaces.subnet import SubnetConfig
+from prunetune.training.supernet import supernet_record
 
 TUNE_NAME = "tune"
 TRIAL_CPUS = 0.01
@@ -125,9 +126,14 @@ def run_search(spec: Spec, evaluator_class: type | None = None, resume: bool = F
                            spec_fidelity(spec))
     dense = _dense_row(context)
     layer_order = infos[0].get("layer_order")
+    supernet = supernet_record(spec.model)
+    if supernet is not None:
+        say(f"{spec.model} is a super-network of {supernet['base_model']} "
+            f"({supernet['strategy']['strategy']}, {supernet['trained_tokens']:,} tokens); "
+            "its trained importance order is kept")
     write_run_record(run_dir, {"run_id": run_id, "model_config": model_config,
                                 "layer_order": layer_order, "dense_hash": dense["config_hash"],
-                                "evaluators": infos})
+                                "evaluators": infos, "supernet": supernet})
     space = build_space(spec, model_config, layer_order)
     objectives = dict(spec.objectives)
     say(f"dense: {_objective_values(dense, objectives)}; searching {spec.algorithm.num_samples} "

@@ -116,3 +116,11 @@ def window_indices(count: int, seed: int, start: int, size: int) -> torch.LongTe
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which epoch `epoch` visits `count` windows."""
     return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`. From host memory to a GPU it goes through pinned memory
+    without the host waiting for the copy, so that the copy overlaps the device's work."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -27,7 +27,7 @@ from torch import nn
 from prunetune.evaluators.perplexity import model_device
 from prunetune.search_spaces.dims import adapter_for
 from prunetune.training.checkpoint import Progress, load_checkpoint, run_identity, save_checkpoint
-from prunetune.training.data import window_indices
+from prunetune.training.data import to_device, window_indices
 from prunetune.training.loss import distill_loss_sum
 from prunetune.training.lora import add_lora, merge_lora
 from prunetune.training.settings import DistillSettings
@@ -38,26 +38,66 @@ WARMUP_STEPS = 3
 """Steps of a call left out of its throughput: CUDA, cuBLAS and allocator set-up."""
 
 
-class StepClock:
-    """Times a call's optimizer steps after its first `WARMUP_STEPS`. Each step ends with
-    the loss read back to the host, so the device has finished it when `tick` runs."""
+class StepLog:
+    """Counts a run's optimizer steps: its progress, its bar, and the student tokens per
+    second of the steps after the first `WARMUP_STEPS` (CUDA, cuBLAS and allocator set-up).
 
-    def __init__(self) -> None:
-        self.steps = 0
+    A step is counted when it is queued (`push`), but its loss is read back to the host
+    one step late, once the next step is queued too: the device never waits for the host
+    between steps. `flush` reads the last loss (before a checkpoint, and at the end). A
+    loss read means the device has finished its step, which is when the clock ticks. The
+    first `WARMUP_STEPS` losses are read at once, so the clock starts with nothing queued
+    (as a timer started after a synchronisation does).
+    """
+
+    def __init__(self, progress: Progress, settings: DistillSettings, bar: Any) -> None:
+        self.progress = progress
+        self.settings = settings
+        self.bar = bar
+        self.pending: torch.Tensor | float | None = None
+        self.pushed = 0
+        self.read = 0
         self.tokens = 0
-        self.start = 0.0
+        self.start = self.end = 0.0
 
-    def tick(self, tokens: int) -> None:
-        """Count one finished step of `tokens` student tokens (all workers together)."""
-        self.steps += 1
-        if self.steps == WARMUP_STEPS:
-            self.start = time.perf_counter()
-        elif self.steps > WARMUP_STEPS:
-            self.tokens += tokens
+    def push(self, loss: torch.Tensor | float) -> None:
+        """Count one queued optimizer step of loss `loss` (a device tensor is read later)."""
+        self.flush()
+        self.pending = loss
+        self.progress.step += 1
+        self.progress.windows += self.settings.windows_per_step
+        self.progress.tokens += self.step_tokens()
+        self.pushed += 1
+        if self.pushed <= WARMUP_STEPS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the pending step's loss to the host, and show it."""
+        if self.pending is None:
+            return
+        loss = float(self.pending)
+        self.pending = None
+        self.tick()
+        self.progress.losses.append(loss)
+        self.bar.update(self.step_tokens())
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def step_tokens(self) -> int:
+        """Student tokens of one optimizer step (all workers together)."""
+        return self.settings.windows_per_step * self.settings.seq_len
+
+    def tick(self) -> None:
+        """One more step finished on the device: start the clock, or count its tokens."""
+        self.read += 1
+        self.end = time.perf_counter()
+        if self.read == WARMUP_STEPS:
+            self.start = self.end
+        elif self.read > WARMUP_STEPS:
+            self.tokens += self.step_tokens()
 
     def tokens_per_s(self) -> float | None:
         """Student tokens per second of the timed steps; None before any."""
-        return self.tokens / (time.perf_counter() - self.start) if self.tokens else None
+        return self.tokens / (self.end - self.start) if self.tokens else None
 
 
 @dataclass(frozen=True)
@@ -100,37 +140,55 @@ def distill(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: torch
     peft_model = None
     if settings.lora_rank:
         peft_model = add_lora(student, settings.lora_rank, settings.lora_alpha)
-    params = [p for p in student.parameters() if p.requires_grad]
+    result = run_steps(student, lambda progress: train_step(
+        teacher, student, windows, settings, progress.windows, backward=torch.Tensor.backward),
+        settings, run_identity(settings, windows), checkpoint_dir, start)
+    if peft_model is not None:
+        merge_lora(peft_model)
+    return result
+
+
+Step = Callable[[Progress], torch.Tensor]
+"""The forward and backward passes of one optimizer step, the run being at `progress`;
+returns the step's loss (mean per predicted token), detached."""
+
+
+def run_steps(model: nn.Module, step: Step, settings: DistillSettings,
+              identity: dict[str, Any], checkpoint_dir: str | Path | None,
+              start: float, desc: str = "distil") -> DistillResult:
+    """The optimizer loop of one device: `step`, clipping, AdamW over the model's trainable
+    parameters, warmup and cosine decay, until `settings.steps`; a checkpoint every
+    `settings.checkpoint_every` steps in `checkpoint_dir` (when given), and a resume from
+    the one found there. The model trains in train mode and is left in eval mode."""
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = cosine_schedule(optimizer, settings)
-    identity = run_identity(settings, windows)
     progress = Progress()
     if checkpoint_dir is not None:
-        progress = (load_checkpoint(checkpoint_dir, student, optimizer, scheduler, identity)
+        progress = (load_checkpoint(checkpoint_dir, model, optimizer, scheduler, identity)
                     or progress)
     resumed_from = progress.step
-    student.train()
-    clock = StepClock()
+    model.train()
     try:
-        with progress_bar(settings, progress) as bar:
+        with progress_bar(settings, progress, desc=desc) as bar:
+            log = StepLog(progress, settings, bar)
             while progress.step < settings.steps:
-                loss = train_step(teacher, student, windows, settings, progress.windows,
-                                  backward=torch.Tensor.backward)
+                loss = step(progress)
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                advance(progress, settings, loss.item(), bar, clock)
+                log.push(loss)
                 if checkpoint_dir is not None and checkpoint_due(progress, settings):
-                    save_checkpoint(checkpoint_dir, student, optimizer, scheduler, progress,
+                    log.flush()
+                    save_checkpoint(checkpoint_dir, model, optimizer, scheduler, progress,
                                     identity)
+            log.flush()
     finally:
-        student.eval()
-    if peft_model is not None:
-        merge_lora(peft_model)
+        model.eval()
     return DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
                          resumed_from=resumed_from, seconds=time.perf_counter() - start,
-                         tokens_per_s=clock.tokens_per_s())
+                         tokens_per_s=log.tokens_per_s())
 
 
 def freeze(teacher: nn.Module | TeacherTopK) -> None:
@@ -198,11 +256,14 @@ def train_step(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: to
     index = window_indices(len(windows), settings.seed, position, settings.windows_per_step)
     mine = index[rank::world]
     predicted = len(mine) * (settings.seq_len - 1)
+    ids = to_device(windows[mine], device)
+    rows = teacher.rows(mine, device) if isinstance(teacher, TeacherTopK) else None
     total = torch.zeros((), device=device)
-    for micro in mine.split(settings.micro_batch):
-        ids = windows[micro].to(device, non_blocking=True)
+    for start in range(0, len(mine), settings.micro_batch):
+        part = slice(start, start + settings.micro_batch)
+        teacher_top = None if rows is None else (rows[0][part], rows[1][part])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = micro_loss(teacher, student, ids, micro, settings) / predicted
+            loss = micro_loss(teacher, student, ids[part], teacher_top, settings) / predicted
         backward(loss)
         total += loss.detach()
     return total
@@ -253,27 +314,15 @@ def zero_pattern(weight: torch.Tensor) -> torch.Tensor:
 
 
 def micro_loss(teacher: nn.Module | TeacherTopK, student: nn.Module, ids: torch.Tensor,
-               micro: torch.Tensor, settings: DistillSettings) -> torch.Tensor:
-    """The summed loss of the windows `ids` (positions `micro` of the training windows),
-    against the teacher model or its cached top-k logits."""
-    if isinstance(teacher, TeacherTopK):
+               teacher_top: tuple[torch.Tensor, torch.Tensor] | None,
+               settings: DistillSettings) -> torch.Tensor:
+    """The summed loss of the windows `ids`, against the teacher model, or against its
+    cached top-k logits at these windows (`teacher_top`, with a cache)."""
+    if teacher_top is not None:
         return distill_loss_sum(None, student, ids, settings.temperature, settings.top_k,
-                                settings.lm_weight, teacher_top=teacher.rows(micro, ids.device))
+                                settings.lm_weight, teacher_top=teacher_top)
     return distill_loss_sum(teacher, student, ids, settings.temperature, settings.top_k,
                             settings.lm_weight)
-
-
-def advance(progress: Progress, settings: DistillSettings, loss: float, bar: Any,
-            clock: StepClock) -> None:
-    """Count one finished optimizer step, and show it."""
-    tokens = settings.windows_per_step * settings.seq_len
-    clock.tick(tokens)
-    progress.step += 1
-    progress.windows += settings.windows_per_step
-    progress.tokens += tokens
-    progress.losses.append(loss)
-    bar.update(tokens)
-    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
 
 def checkpoint_due(progress: Progress, settings: DistillSettings) -> bool:
@@ -282,11 +331,11 @@ def checkpoint_due(progress: Progress, settings: DistillSettings) -> bool:
 
 
 def progress_bar(settings: DistillSettings, progress: Progress,
-                 disable: bool | None = None) -> Any:
+                 disable: bool | None = None, desc: str = "distil") -> Any:
     """A bar over the token budget (tokens, tokens/s, time left, loss); silent when the
     output is not a terminal (`disable=None`) or when `disable`."""
     from tqdm.auto import tqdm
 
     total = settings.steps * settings.windows_per_step * settings.seq_len
     return tqdm(total=total, initial=progress.tokens, unit="tok", unit_scale=True,
-                desc="distil", disable=disable, dynamic_ncols=True)
+                desc=desc, disable=disable, dynamic_ncols=True)

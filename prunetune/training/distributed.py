@@ -1,14 +1,15 @@
-"""Distillation over several GPUs (or CPU processes): Ray Train workers, DeepSpeed ZeRO.
+"""Training over several GPUs (or CPU processes): Ray Train workers, DeepSpeed ZeRO.
 
-`distill_on_workers` runs the same training as `distill.distill` as a Ray Train
-`TorchTrainer`: every worker builds the teacher and the student (`build`), DeepSpeed wraps
-the student (ZeRO stage 2 partitions gradients and AdamW states over the workers, stage 3
+`train_on_workers` runs a `WorkerJob` as a Ray Train `TorchTrainer`; `distill_on_workers`
+runs the same training as `distill.distill` that way: every worker builds the teacher and
+the student (`build`), DeepSpeed wraps the student (ZeRO stage 2 partitions gradients and AdamW states over the workers, stage 3
 the weights too), and each optimizer step's windows are split between the workers
 (`distill.train_step`), so N workers train on the same batches as one and end, to rounding,
 where one would. Checkpoints (DeepSpeed's, with the progress) go to Ray Train's storage,
 a local folder or `s3://` / `gs://`, every `checkpoint_every` steps; a run started again
 with the same storage and name resumes from the last one and loses at most the steps
 since (and a finished run returns its result at once). The teacher is frozen and whole on every worker.
+Super-network training (`supernet.SupernetJob`) is the other job.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 
+from prunetune.evaluators.perplexity import model_device
 from prunetune.training.checkpoint import Progress, refuse_other_run, run_identity
 from prunetune.training.distill import (
-    DistillResult, StepClock, advance, check_inputs, checkpoint_due, cosine_schedule, freeze,
+    DistillResult, StepLog, check_inputs, checkpoint_due, cosine_schedule, freeze,
     progress_bar, train_step,
 )
 from prunetune.training.settings import DistillSettings
@@ -37,15 +39,79 @@ Build = Callable[[torch.device], tuple[nn.Module, nn.Module]]
 Finish = Callable[[nn.Module], None]
 """Runs on the first worker with the trained student, whole (e.g. to export it)."""
 
+Backward = Callable[[torch.Tensor], Any]
+
+
+class WorkerJob(Protocol):
+    """What the workers train: `build` makes, on a worker's device, the model whose
+    parameters train (float32), after checking the inputs; `step` runs one optimizer step's forward and backward
+    passes for rank `rank` of `world` (`backward` for each loss, `micro_done` after each
+    micro-batch) and returns the rank's loss, detached; `identity` is what a checkpoint
+    must have been started with to be resumed; `finish` runs on the first worker with the
+    trained model, whole (e.g. to save it)."""
+
+    def build(self, device: torch.device, windows: torch.Tensor,
+              settings: DistillSettings) -> nn.Module: ...
+
+    def step(self, model: nn.Module, windows: torch.Tensor, settings: DistillSettings,
+             progress: Progress, backward: Backward, micro_done: Callable[[], Any],
+             rank: int, world: int) -> torch.Tensor: ...
+
+    def identity(self, settings: DistillSettings, windows: torch.Tensor) -> dict[str, Any]: ...
+
+    def finish(self, model: nn.Module) -> None: ...
+
+
+@dataclass
+class DistillJob:
+    """Distillation of the student from the teacher that `make` makes (`distill`'s step);
+    `done` gets the trained student."""
+
+    make: Build
+    done: Finish | None = None
+    teacher: nn.Module | None = None
+
+    def build(self, device: torch.device, windows: torch.Tensor,
+              settings: DistillSettings) -> nn.Module:
+        self.teacher, student = self.make(device)
+        check_inputs(self.teacher, student, windows, settings)
+        freeze(self.teacher)
+        return student
+
+    def step(self, model: nn.Module, windows: torch.Tensor, settings: DistillSettings,
+             progress: Progress, backward: Backward, micro_done: Callable[[], Any],
+             rank: int, world: int) -> torch.Tensor:
+        return train_step(self.teacher, model, windows, settings, progress.windows,
+                          backward=lambda loss: (backward(loss), micro_done()),
+                          rank=rank, world=world)
+
+    def identity(self, settings: DistillSettings, windows: torch.Tensor) -> dict[str, Any]:
+        return run_identity(settings, windows)
+
+    def finish(self, model: nn.Module) -> None:
+        if self.done is not None:
+            self.done(model)
+
 CHECKPOINT_TAG = "state"
+ZERO_STAGES = (0, 1, 2, 3)
+
+REDUCE_BUCKET_ELEMENTS = 2**25
+"""Gradient elements DeepSpeed reduces at a time (ZeRO 1 to 3, on GPU): small enough that
+a 100M-parameter student's reduction overlaps its backward pass in a few buckets."""
 FINISHED_FILE = "result.json"
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
     """Where and how the workers train: `workers` processes (one GPU each with `use_gpu`,
-    else one CPU core each, talking over gloo), DeepSpeed ZeRO `zero_stage` (2 or 3), and
-    the Ray Train run `name` under `storage` (local path or URI) that checkpoints go to."""
+    else one CPU core each, talking over gloo), DeepSpeed ZeRO `zero_stage`, and the Ray
+    Train run `name` under `storage` (local path or URI) that checkpoints go to.
+
+    Stage 0 is plain data parallelism (every worker keeps the whole training state; the
+    gradients are all-reduced once per optimizer step): the fastest for a student whose
+    training state (16 bytes a parameter) fits one GPU. Stage 1 partitions the AdamW
+    states over the workers, stage 2 the gradients too, stage 3 the weights too (for a
+    model that does not fit one GPU)."""
 
     workers: int
     storage: str
@@ -56,13 +122,23 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
-        if self.zero_stage not in (2, 3):
-            raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
 
 
 def distill_on_workers(build: Build, windows: torch.Tensor, settings: DistillSettings,
                        workers: WorkerSettings, finish: Finish | None = None) -> DistillResult:
-    """Distil on `workers.workers` Ray Train workers; returns what the run did.
+    """Distil on `workers.workers` Ray Train workers (`train_on_workers` of a
+    `DistillJob`); returns what the run did. LoRA trains on one device only."""
+    if settings.lora_rank:
+        raise ValueError("distill.lora_rank: LoRA trains on one device; "
+                         "use workers = 1 or full-parameter training")
+    return train_on_workers(DistillJob(build, finish), windows, settings, workers)
+
+
+def train_on_workers(job: WorkerJob, windows: torch.Tensor, settings: DistillSettings,
+                     workers: WorkerSettings) -> DistillResult:
+    """Train `job` on `workers.workers` Ray Train workers; returns what the run did.
 
     Raises ValueError when a step's windows do not split evenly over the workers (every
     worker must predict as many tokens, for the averaged gradient to be the one-device
@@ -76,11 +152,8 @@ def distill_on_workers(build: Build, windows: torch.Tensor, settings: DistillSet
         raise ValueError(f"distill.micro_batch * distill.accumulation = "
                          f"{settings.windows_per_step} windows per step do not split evenly "
                          f"over {workers.workers} workers")
-    if settings.lora_rank:
-        raise ValueError("distill.lora_rank: LoRA trains on one device; "
-                         "use workers = 1 or full-parameter training")
-    config = {"build": build, "windows": windows, "settings": settings,
-              "zero_stage": workers.zero_stage, "finish": finish}
+    config = {"job": job, "windows": windows, "settings": settings,
+              "zero_stage": workers.zero_stage}
     trainer = TorchTrainer(
         worker_loop, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
@@ -92,7 +165,7 @@ def distill_on_workers(build: Build, windows: torch.Tensor, settings: DistillSet
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        raise RuntimeError(f"distillation on {workers.workers} workers failed; run it again "
+        raise RuntimeError(f"training on {workers.workers} workers failed; run it again "
                            f"to resume from its last checkpoint: {first_line(exc)}") from exc
     return DistillResult(**result.metrics["result"])
 
@@ -113,33 +186,32 @@ def worker_loop(config: dict[str, Any]) -> None:
         return
     settings: DistillSettings = config["settings"]
     windows: torch.Tensor = config["windows"]
+    job: WorkerJob = config["job"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = worker_device()
-    teacher, student = config["build"](device)
-    check_inputs(teacher, student, windows, settings)
+    student = job.build(worker_device(), windows, settings)
     torch.manual_seed(settings.seed)
-    freeze(teacher)
     engine = deepspeed_engine(student, settings, config["zero_stage"], world)
-    identity = run_identity(settings, windows)
+    identity = job.identity(settings, windows)
     progress = restore(engine, identity)
     resumed_from = progress.step
     student.train()
-    clock = StepClock()
+    micro = MicroBatch(engine)
     with progress_bar(settings, progress, disable=rank != 0) as bar:
+        log = StepLog(progress, settings, bar)
         while progress.step < settings.steps:
-            loss = train_step(teacher, student, windows, settings, progress.windows,
-                              backward=lambda micro_loss: ds_backward(engine, micro_loss),
-                              rank=rank, world=world)
-            advance(progress, settings, mean_over_workers(loss, world), bar, clock)
+            loss = job.step(student, windows, settings, progress, backward=micro.add,
+                            micro_done=micro.done, rank=rank, world=world)
+            log.push(mean_over_workers(loss, world))
             if checkpoint_due(progress, settings) and progress.step < settings.steps:
+                log.flush()
                 report(engine, progress, identity)
+        log.flush()
     student.eval()
-    if config["finish"] is not None:
-        finish_on_first(student, config["finish"], rank, config["zero_stage"])
+    finish_on_first(student, job.finish, rank, config["zero_stage"])
     result = DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
                            resumed_from=resumed_from, seconds=time.perf_counter() - start,
-                           tokens_per_s=clock.tokens_per_s())
+                           tokens_per_s=log.tokens_per_s())
     report_finished(result)
 
 
@@ -153,13 +225,20 @@ def worker_device() -> torch.device:
     return device
 
 
-def deepspeed_config(settings: DistillSettings, zero_stage: int, world: int) -> dict[str, Any]:
-    """The DeepSpeed config of one worker: its micro-batches per step, ZeRO, clipping."""
+def deepspeed_config(settings: DistillSettings, zero_stage: int, world: int,
+                     gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config of one worker: its micro-batches per step, ZeRO, clipping. On
+    GPUs, ZeRO's gradient reduction runs on its own stream, overlapped with the backward
+    pass, in buckets of `REDUCE_BUCKET_ELEMENTS` (reductions in float32 either way)."""
     per_worker = settings.windows_per_step // world
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if gpu and zero_stage:
+        zero.update(overlap_comm=True, contiguous_gradients=True,
+                    reduce_bucket_size=REDUCE_BUCKET_ELEMENTS)
     return {"train_micro_batch_size_per_gpu": min(settings.micro_batch, per_worker),
             "gradient_accumulation_steps": -(-per_worker // settings.micro_batch),
             "gradient_clipping": settings.max_grad_norm,
-            "zero_optimization": {"stage": zero_stage},
+            "zero_optimization": zero,
             "steps_per_print": 2 ** 62, "wall_clock_breakdown": False}
 
 
@@ -173,27 +252,43 @@ def deepspeed_engine(student: nn.Module, settings: DistillSettings, zero_stage: 
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer,
                                       lr_scheduler=cosine_schedule(optimizer, settings),
-                                      config=deepspeed_config(settings, zero_stage, world),
+                                      config=deepspeed_config(
+                                          settings, zero_stage, world,
+                                          gpu=model_device(student).type == "cuda"),
                                       dist_init_required=False)
     return engine
 
 
-def ds_backward(engine: Any, loss: torch.Tensor) -> None:
-    """Backward of one micro-batch through DeepSpeed, which steps the optimizer (and
-    averages the workers' gradients) after the step's last micro-batch. The loss is
-    already divided by the tokens of the whole step, so DeepSpeed must not scale it."""
-    engine.backward(loss, scale_wrt_gas=False)
-    engine.step()
+class MicroBatch:
+    """A micro-batch's losses through DeepSpeed: summed, with one backward pass when the
+    micro-batch is done, then `engine.step`, which steps the optimizer (and averages the
+    workers' gradients) after the step's last micro-batch. ZeRO reduces each parameter's
+    gradient once per backward pass at a step's boundary, so the several losses of a
+    super-network step take one pass. The losses are already divided by the tokens of the
+    whole step, so DeepSpeed must not scale them."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.losses: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.losses.append(loss)
+
+    def done(self) -> None:
+        self.engine.backward(torch.stack(self.losses).sum(), scale_wrt_gas=False)
+        self.engine.step()
+        self.losses.clear()
 
 
-def mean_over_workers(loss: torch.Tensor, world: int) -> float:
-    """The step's loss per predicted token over all workers (each predicts as many)."""
+def mean_over_workers(loss: torch.Tensor, world: int) -> torch.Tensor:
+    """The step's loss per predicted token over all workers (each predicts as many), on
+    the device (read back by `StepLog` one step later)."""
     import torch.distributed as dist
 
     total = loss.detach().clone()
     if world > 1:
         dist.all_reduce(total)
-    return total.item() / world
+    return total / world
 
 
 def restore(engine: Any, identity: dict[str, Any]) -> Progress:

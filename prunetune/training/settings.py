@@ -81,3 +81,33 @@ class DistillSettings:
     def trained_tokens(self) -> int:
         """Tokens a run trains on: the budget rounded up to whole optimizer steps."""
         return self.steps * self.windows_per_step * self.seq_len
+
+
+STRATEGIES = ("sandwich", "random", "random_linear", "ats", "standard")
+"""Super-network training strategies (the seed method's library offers the same five)."""
+
+
+@dataclass(frozen=True)
+class SupernetSettings:
+    """Which sub-networks each step of super-network training trains.
+
+    - `sandwich` (the default): the largest learns the text; the smallest and
+      `random_count` random ones learn the largest's distribution.
+    - `random`: `random_count` random ones learn the largest's distribution.
+    - `ats`: `random` on even steps, the largest alone on odd steps.
+    - `random_linear`: `random` with a probability that rises linearly from 0 at the first
+      step to 1 at the last, else the largest alone.
+    - `standard`: the largest alone (plain fine-tuning, the baseline).
+    """
+
+    strategy: str = "sandwich"
+    random_count: int = 2
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"supernet.strategy must be one of {', '.join(STRATEGIES)}, "
+                             f"got {self.strategy!r}")
+        least = 1 if self.strategy in ("random", "random_linear", "ats") else 0
+        if self.random_count < least:
+            raise ValueError(f"supernet.random_count must be at least {least} for the "
+                             f"{self.strategy} strategy, got {self.random_count}")

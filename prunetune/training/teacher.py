@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prunetune.evaluators.perplexity import hidden_states, logit_chunks, model_device
+from prunetune.training.data import to_device
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,7 @@ class TeacherTopK:
     def rows(self, windows: torch.Tensor,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached logits and ids of the windows at positions `windows`, on `device`."""
-        return (self.values[windows].to(device, non_blocking=True),
-                self.indices[windows].to(device, non_blocking=True))
+        return to_device(self.values[windows], device), to_device(self.indices[windows], device)
 
 
 @torch.no_grad()
@@ -55,9 +55,19 @@ def teacher_top_k(teacher: nn.Module, windows: torch.Tensor, k: int, batch: int 
         ids = windows[start:start + batch].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             hidden = hidden_states(teacher, ids)[:, :-1].flatten(0, 1)
-            count = logit_chunks(hidden.shape[0], head.weight.shape[0])
-            tops = [head(part).float().topk(k, dim=-1) for part in hidden.tensor_split(count)]
+            count = logit_chunks(hidden.shape[0], teacher.config.vocab_size)
+            tops = [head_top_k(head, part, k) for part in hidden.tensor_split(count)]
         shape = (len(ids), length - 1, k)
-        values[start:start + batch] = torch.cat([t.values for t in tops]).view(shape)
-        indices[start:start + batch] = torch.cat([t.indices for t in tops]).view(shape)
+        values[start:start + batch] = torch.cat([v for v, _ in tops]).view(shape)
+        indices[start:start + batch] = torch.cat([i for _, i in tops]).view(shape)
     return TeacherTopK(values, indices)
+
+
+def head_top_k(head: nn.Module, hidden: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` largest logits of LM `head` at each row of `hidden`, in float32, and their
+    token ids: what the cache keeps and what a live top-k teacher computes, taken alike so
+    that ties between logits resolve alike. The selection runs in the head's dtype (bf16
+    under autocast), which holds every logit exactly, without a float32 copy of them all."""
+    values, index = head(hidden).topk(k, dim=-1)
+    return values.float(), index

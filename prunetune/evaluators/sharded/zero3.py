@@ -18,7 +18,7 @@ from torch import nn
 
 from prunetune.evaluators.contract import compute_scores, sorting_scores
 from prunetune.evaluators.importance import (
-    ImportanceScores, descending, permute_layer, reorder_, residual_tables,
+    ImportanceScores, descending, in_model_order, permute_layer, reorder_, residual_tables,
 )
 from prunetune.evaluators.model import is_config_file, resolve_source
 from prunetune.evaluators.perplexity import WindowLoss, logit_chunks
@@ -110,6 +110,8 @@ def permute_partitioned(model: nn.Module, scores: ImportanceScores) -> None:
     """
     import deepspeed
 
+    if in_model_order(scores):
+        return
     a, d = adapter_for(model), ModelDims.from_config(model.config)
     first = torch.distributed.get_rank() == 0
     channels = descending(scores.embed)
