@@ -24,6 +24,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -147,15 +148,21 @@ def plot(rows: list[Row], dense: dict, path: Path) -> None:
                 label=f"{method}, one-shot")
         ax.plot(x, [r.ppl_recovered for r in mine], ls="-", marker="o", c=colour,
                 lw=2.2 if method == SEARCH else 1.2, label=f"{method}, recovered")
+    finish_perplexity_plot(ax, dense, "SmolLM2-135M: one-shot and recovered by distillation",
+                           legend_size=7)
+    figure.savefig(path)
+
+
+def finish_perplexity_plot(ax: Any, dense: dict, title: str, legend_size: int) -> None:
+    """The dense model's star, log test perplexity against parameters, title and legend."""
     ax.scatter([dense["params"] / 1e6], [dense["perplexity"]], marker="*", s=250, c="tab:red",
                zorder=5, label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("WikiText-2 test perplexity (log)")
-    ax.set_title("SmolLM2-135M: one-shot and recovered by distillation")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    figure.savefig(path)
+    ax.legend(fontsize=legend_size)
 
 
 def merge(args: argparse.Namespace) -> None:

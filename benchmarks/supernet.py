@@ -49,7 +49,7 @@ from prunetune.training.distill import distill
 from prunetune.training.settings import DistillSettings, SupernetSettings
 from prunetune.training.supernet import train_supernet
 from prunetune.training.teacher import teacher_top_k
-from recovery import METRICS, report_settings
+from recovery import METRICS, finish_perplexity_plot, report_settings
 
 HERE = Path(__file__).resolve().parent
 FRONTS = {"a": "one-shot search", "b": "one-shot search, picks recovered",
@@ -167,15 +167,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.plot([p["params"] / 1e6 for p in points], [p["perplexity"] for p in points],
                 marker="o", c=f"C{index}", ls="--" if key in "ac" else "-",
                 label=f"({key}) {label}")
-    dense = result["dense"]
-    ax.scatter([dense["params"] / 1e6], [dense["perplexity"]], marker="*", s=250,
-               c="tab:red", zorder=5, label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("WikiText-2 test perplexity (log)")
-    ax.set_title("SmolLM2-135M: super-network training against recovered picks")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    finish_perplexity_plot(ax, result["dense"],
+                           "SmolLM2-135M: super-network training against recovered picks",
+                           legend_size=8)
     figure.savefig(path)
 
 

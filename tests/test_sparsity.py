@@ -18,6 +18,7 @@ from prunetune.search_spaces import SubnetConfig
 from prunetune.search_spaces.cost import count_nonzero_params, count_params, subnet_cost
 from prunetune.search_spaces.dims import ModelDims, adapter_for
 from prunetune.search_spaces.subnet import Sparsity
+from test_surgery import random_subnet
 
 LEVELS = {"unstructured": (0.0, 0.25, 0.5, 0.7), "2:4": (0.0, 0.5)}
 
@@ -28,19 +29,11 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def random_sparse_subnet(config, rng: random.Random, method: str, pattern: str) -> SubnetConfig:
-    """A random structural sub-network with a random sparsity level per kept layer; widths
-    are multiples of 4 where 2:4 needs them to keep its groups whole (not required)."""
-    n = config.num_hidden_layers
-    layers = sorted(rng.sample(range(n), rng.randint(1, n)))
-    kv, q = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
-    return SubnetConfig(
-        layers=layers,
-        kv_heads=[rng.randint(1, kv) for _ in layers],
-        q_per_kv=[rng.randint(1, q) for _ in layers],
-        mlp=[rng.randint(1, config.intermediate_size) for _ in layers],
-        embed=rng.randint(1, config.hidden_size),
-        sparsity=Sparsity(method, pattern, [rng.choice(LEVELS[pattern]) for _ in layers]),
-    )
+    """A random structural sub-network (`test_surgery.random_subnet`) with a random
+    sparsity level per kept layer."""
+    subnet = random_subnet(config, rng)
+    levels = [rng.choice(LEVELS[pattern]) for _ in subnet.layers]
+    return SubnetConfig(**{**subnet.to_dict(), "sparsity": Sparsity(method, pattern, levels)})
 
 
 def nonzero(model: torch.nn.Module) -> int:
