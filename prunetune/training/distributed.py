@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -69,7 +69,7 @@ class DistillJob:
 
     make: Build
     done: Finish | None = None
-    teacher: nn.Module | None = None
+    teacher: nn.Module | None = field(default=None, init=False)
 
     def build(self, device: torch.device, windows: torch.Tensor,
               settings: DistillSettings) -> nn.Module:

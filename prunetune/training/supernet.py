@@ -240,8 +240,8 @@ class SupernetJob:
     out: str
     strategy: SupernetSettings = SupernetSettings()
     dtype: torch.dtype = torch.float32
-    space: SearchSpace | None = None
-    scores: ImportanceScores | None = None
+    space: SearchSpace | None = field(default=None, init=False)
+    scores: ImportanceScores | None = field(default=None, init=False)
 
     def build(self, device: torch.device, windows: torch.Tensor,
               settings: DistillSettings) -> nn.Module:
