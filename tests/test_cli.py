@@ -139,7 +139,7 @@ def test_recover_on_two_workers_exports_the_distilled_point(tiny_run, tmp_path, 
                      "--tokens", "1024", "--seq-len", "32", "--workers", "2"]) == 0
     finally:
         ray.shutdown()
-    assert "distilled on 1,024 tokens of gutenberg by 2 workers" in capsys.readouterr().out
+    assert "distilled on 1,024 tokens of gutenberg by 2 workers (ZeRO-0)" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == front.iloc[pick]["params"]
     assert (out / "tokenizer_config.json").is_file()

@@ -14,13 +14,17 @@ import pandas as pd
 from prunetune.orchestrator.console import LOG_FILE, quiet_output
 from prunetune.orchestrator.spec import Spec, SpecError, default_spec, load_spec
 from prunetune.training.settings import (
-    DEFAULT_TRAINING_TEXT, STRATEGIES, DistillSettings, SupernetSettings,
+    DEFAULT_TRAINING_TEXT, STRATEGIES, ZERO_STAGES, DistillSettings, SupernetSettings,
 )
 
 DISTILL = DistillSettings()
 SUPERNET = SupernetSettings()
 
 FRONT_COLUMNS = ("config_hash", "num_layers", "q_heads", "mlp", "embed", "params")
+ZERO_CHOICES = ("auto", *(str(stage) for stage in ZERO_STAGES))
+ZERO_HELP = ("DeepSpeed ZeRO stage: auto (the default) takes the fastest whose training state "
+             "fits the GPUs (0: a copy on every GPU, 2: gradients and AdamW states split, "
+             "3: the weights split too)")
 VERBOSE_HELP = (f"show Ray's, Tune's and the libraries' output on the terminal (by default it "
                 f"goes to {LOG_FILE} in the run directory)")
 
@@ -83,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                               "files, or an HF dataset name/config:split (default gutenberg)")
     recover.add_argument("--workers", type=int, default=1,
                          help="with --pick: train on this many GPUs (Ray Train workers, "
-                              "DeepSpeed ZeRO-2), the run's Ray cluster or a local one")
+                              "DeepSpeed ZeRO), the run's Ray cluster or a local one")
+    recover.add_argument("--zero", default="auto", choices=ZERO_CHOICES,
+                         help=f"with --workers: {ZERO_HELP}")
     recover.add_argument("--verbose", action="store_true", help=f"with --front: {VERBOSE_HELP}")
 
     supernet = sub.add_parser(
@@ -113,8 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     supernet.add_argument("--data", default=DEFAULT_TRAINING_TEXT,
                           help="training text, as for recover (default gutenberg)")
     supernet.add_argument("--workers", type=int, default=0,
-                          help="train on this many GPUs (Ray Train workers, DeepSpeed ZeRO-2), "
+                          help="train on this many GPUs (Ray Train workers, DeepSpeed ZeRO), "
                                "the spec's Ray cluster or a local one (default: this process)")
+    supernet.add_argument("--zero", default="auto", choices=ZERO_CHOICES,
+                          help=f"with --workers: {ZERO_HELP}")
 
     plan = sub.add_parser("plan", help="GPUs per evaluator and evaluators per cluster",
                           description="How many GPUs one evaluator of the spec's model needs, "
@@ -329,11 +337,17 @@ def _recover_on_workers(args: argparse.Namespace, settings: DistillSettings) -> 
 
     subnet, params = _front_pick(args.run_dir, args.pick)
     result = recover_on_workers(args.run_dir, subnet, settings, args.data, args.out,
-                                args.workers)
-    print(f"distilled on {result.tokens:,} tokens of {args.data} by {args.workers} workers in "
+                                args.workers, _zero_stage(args.zero))
+    print(f"distilled on {result.tokens:,} tokens of {args.data} by {args.workers} workers "
+          f"(ZeRO-{result.zero_stage}) in "
           f"{result.seconds:.0f} s: loss {result.losses[0]:.4g} -> {result.final_loss:.4g}")
     print(_saved(Path(args.out), subnet, params))
     return 0
+
+
+def _zero_stage(choice: str) -> int | None:
+    """The ZeRO stage of a `--zero` choice; None lets the workers choose."""
+    return None if choice == "auto" else int(choice)
 
 
 def _recover_front(args: argparse.Namespace, settings: DistillSettings) -> int:
@@ -357,7 +371,8 @@ def _train_supernet(args: argparse.Namespace) -> int:
     settings = DistillSettings(tokens=args.tokens, seq_len=args.seq_len, top_k=args.top_k)
     strategy = SupernetSettings(args.strategy, args.random)
     spec = load_spec(args.spec)
-    result = train_spec_supernet(spec, args.out, settings, strategy, args.data, args.workers)
+    result = train_spec_supernet(spec, args.out, settings, strategy, args.data, args.workers,
+                                 _zero_stage(args.zero))
     print(f"trained the {spec.search_space.preset} space's super-network ({args.strategy}) on "
           f"{result.tokens:,} tokens of {args.data} in {result.seconds:.0f} s: loss "
           f"{result.losses[0]:.4g} -> {result.final_loss:.4g}")

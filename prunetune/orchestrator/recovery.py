@@ -123,9 +123,11 @@ def dense_and_student(evaluator_settings: EvaluatorSettings, subnet: SubnetConfi
 
 
 def recover_on_workers(run_dir: str, subnet: SubnetConfig, settings: DistillSettings,
-                       data: str, out: str | Path, workers: int) -> DistillResult:
+                       data: str, out: str | Path, workers: int,
+                       zero_stage: int | None = None) -> DistillResult:
     """Distil one sub-network of a run on `workers` Ray Train workers (one GPU each when
-    the cluster has GPUs) with DeepSpeed ZeRO-2, and write it with its tokenizer to `out`;
+    the cluster has GPUs) with DeepSpeed ZeRO `zero_stage` (None: the workers choose), and
+    write it with its tokenizer to `out`;
     its checkpoints go to `out/checkpoint`, where a run started again resumes."""
     from prunetune.training.distributed import WorkerSettings, distill_on_workers
 
@@ -139,7 +141,8 @@ def recover_on_workers(run_dir: str, subnet: SubnetConfig, settings: DistillSett
     windows = training_windows(tokenizer, data, settings.seq_len)
     connect_for(spec)
     placement = WorkerSettings(workers=workers, storage=str(out / CHECKPOINT_DIR),
-                               name="distill", use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+                               name="distill", use_gpu=ray.cluster_resources().get("GPU", 0) > 0,
+                               zero_stage=zero_stage)
     result = distill_on_workers(partial(dense_and_student, evaluator_settings, subnet), windows,
                                 settings, placement,
                                 finish=partial(save_extracted, subnet=subnet, out_dir=out))

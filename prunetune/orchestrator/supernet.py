@@ -55,10 +55,11 @@ def spec_space(spec: Spec, model: nn.Module, scores: ImportanceScores | None) ->
 
 def train_spec_supernet(spec: Spec, out: str | Path, settings: DistillSettings,
                         strategy: SupernetSettings, data: str,
-                        workers: int = 0) -> DistillResult:
+                        workers: int = 0, zero_stage: int | None = None) -> DistillResult:
     """Train the spec's model as a super-network of its space on `data` and write it to
     `out`; with `workers`, on that many Ray Train workers (one GPU each when the cluster
-    has GPUs; the spec's `address:` or a local Ray) with DeepSpeed ZeRO-2. A run started
+    has GPUs; the spec's `address:` or a local Ray) with DeepSpeed ZeRO `zero_stage` (None:
+    the workers choose, `distributed.choose_zero_stage`). A run started
     again with the same arguments resumes from `out/checkpoint`."""
     refuse_evaluation_data(data)
     out = Path(out).resolve()
@@ -71,7 +72,7 @@ def train_spec_supernet(spec: Spec, out: str | Path, settings: DistillSettings,
     dtype = DTYPES[spec.dtype]
     if workers:
         result = train_on_cluster(spec, evaluator_settings, out, windows, settings, strategy,
-                                  workers, dtype)
+                                  workers, dtype, zero_stage)
     else:
         model, scores = sorted_model(evaluator_settings)
         result = train_supernet(model, spec_space(spec, model, scores), windows, settings,
@@ -87,7 +88,7 @@ def train_spec_supernet(spec: Spec, out: str | Path, settings: DistillSettings,
 def train_on_cluster(spec: Spec, evaluator_settings: EvaluatorSettings, out: Path,
                      windows: torch.Tensor, settings: DistillSettings,
                      strategy: SupernetSettings, workers: int,
-                     dtype: torch.dtype) -> DistillResult:
+                     dtype: torch.dtype, zero_stage: int | None = None) -> DistillResult:
     """`train_spec_supernet` on Ray Train workers; the first one saves the model."""
     from prunetune.training.distributed import WorkerSettings, train_on_workers
 
@@ -96,7 +97,8 @@ def train_on_cluster(spec: Spec, evaluator_settings: EvaluatorSettings, out: Pat
                       str(out), strategy, dtype)
     placement = WorkerSettings(workers=workers, storage=str(out / CHECKPOINT_DIR),
                                name="supernet",
-                               use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+                               use_gpu=ray.cluster_resources().get("GPU", 0) > 0,
+                               zero_stage=zero_stage)
     return train_on_workers(job, windows, settings, placement)
 
 

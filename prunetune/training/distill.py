@@ -104,7 +104,8 @@ class StepLog:
 class DistillResult:
     """What a distillation did: tokens trained and optimizer steps (over the whole run,
     resumed or not), the loss per step (mean per predicted token), the step it resumed
-    from (0 for a fresh start), and the seconds this call took."""
+    from (0 for a fresh start), the seconds this call took, and, on several workers, the
+    DeepSpeed ZeRO stage they trained with."""
 
     tokens: int
     steps: int
@@ -112,6 +113,7 @@ class DistillResult:
     resumed_from: int
     seconds: float
     tokens_per_s: float | None = None
+    zero_stage: int | None = None
 
     @property
     def final_loss(self) -> float:

@@ -2,8 +2,10 @@
 
 `train_on_workers` runs a `WorkerJob` as a Ray Train `TorchTrainer`; `distill_on_workers`
 runs the same training as `distill.distill` that way: every worker builds the teacher and
-the student (`build`), DeepSpeed wraps the student (ZeRO stage 2 partitions gradients and AdamW states over the workers, stage 3
-the weights too), and each optimizer step's windows are split between the workers
+the student (`build`), DeepSpeed wraps the student (with the fastest ZeRO stage whose
+training state fits the workers' memory, unless one is named: stage 0 copies it on every
+worker, stage 2 partitions gradients and AdamW states over the workers, stage 3 the
+weights too), and each optimizer step's windows are split between the workers
 (`distill.train_step`), so N workers train on the same batches as one and end, to rounding,
 where one would. Checkpoints (DeepSpeed's, with the progress) go to Ray Train's storage,
 a local folder or `s3://` / `gs://`, every `checkpoint_every` steps; a run started again
@@ -31,7 +33,7 @@ from prunetune.training.distill import (
     DistillResult, StepLog, check_inputs, checkpoint_due, cosine_schedule, freeze,
     progress_bar, train_step,
 )
-from prunetune.training.settings import DistillSettings
+from prunetune.training.settings import ZERO_STAGES, DistillSettings
 
 Build = Callable[[torch.device], tuple[nn.Module, nn.Module]]
 """Makes (teacher, student) on a worker's device; the student's parameters in float32."""
@@ -93,7 +95,12 @@ class DistillJob:
             self.done(model)
 
 CHECKPOINT_TAG = "state"
-ZERO_STAGES = (0, 1, 2, 3)
+AUTO_STAGES = (0, 2, 3)
+"""The stages an automatic choice takes, fastest first: stage 1 saves less memory than 2
+for the same all-reduce traffic as 0, so it is only used when asked for."""
+ACTIVATION_SHARE = 0.4
+"""The share of a worker's free memory (after its models are loaded) that is kept for
+activations, logits and DeepSpeed's buffers when the ZeRO stage is chosen."""
 
 REDUCE_BUCKET_ELEMENTS = 2**25
 """Gradient elements DeepSpeed reduces at a time (ZeRO 1 to 3, on GPU): small enough that
@@ -111,18 +118,20 @@ class WorkerSettings:
     gradients are all-reduced once per optimizer step): the fastest for a student whose
     training state (16 bytes a parameter) fits one GPU. Stage 1 partitions the AdamW
     states over the workers, stage 2 the gradients too, stage 3 the weights too (for a
-    model that does not fit one GPU)."""
+    model that does not fit one GPU). `zero_stage` None (the default) lets the workers
+    choose the fastest stage whose training state fits their memory
+    (`choose_zero_stage`)."""
 
     workers: int
     storage: str
     name: str
     use_gpu: bool = True
-    zero_stage: int = 2
+    zero_stage: int | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
-        if self.zero_stage not in ZERO_STAGES:
+        if self.zero_stage is not None and self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
 
 
@@ -189,9 +198,14 @@ def worker_loop(config: dict[str, Any]) -> None:
     job: WorkerJob = config["job"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    student = job.build(worker_device(), windows, settings)
+    device = worker_device()
+    student = job.build(device, windows, settings)
     torch.manual_seed(settings.seed)
-    engine = deepspeed_engine(student, settings, config["zero_stage"], world)
+    zero_stage = config["zero_stage"]
+    if zero_stage is None:
+        zero_stage = agreed_zero_stage(trainable_params(student), free_bytes(device, world),
+                                       world, device)
+    engine = deepspeed_engine(student, settings, zero_stage, world)
     identity = job.identity(settings, windows)
     progress = restore(engine, identity)
     resumed_from = progress.step
@@ -208,10 +222,10 @@ def worker_loop(config: dict[str, Any]) -> None:
                 report(engine, progress, identity)
         log.flush()
     student.eval()
-    finish_on_first(student, job.finish, rank, config["zero_stage"])
+    finish_on_first(student, job.finish, rank, zero_stage)
     result = DistillResult(tokens=progress.tokens, steps=progress.step, losses=progress.losses,
                            resumed_from=resumed_from, seconds=time.perf_counter() - start,
-                           tokens_per_s=log.tokens_per_s())
+                           tokens_per_s=log.tokens_per_s(), zero_stage=zero_stage)
     report_finished(result)
 
 
@@ -223,6 +237,56 @@ def worker_device() -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def trainable_params(model: nn.Module) -> int:
+    """Parameters of `model` that train (their gradients and AdamW states are the state
+    that ZeRO partitions)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def free_bytes(device: torch.device, world: int) -> int:
+    """Memory this worker may still fill: its GPU's free memory, or on CPU its share of the
+    host's available memory (the workers of a host share it)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available // world
+
+
+def state_bytes(params: int, stage: int, world: int) -> int:
+    """The training state that `params` float32 parameters add to one of `world` workers
+    at ZeRO `stage`, beyond the weights already loaded: gradients (4 bytes a parameter)
+    and AdamW's two moments (8 bytes), each partitioned from the stage that partitions it;
+    from stage 1, DeepSpeed's float32 copy of the worker's partition (4 bytes); and at
+    stage 3 the weights themselves become a partition, freeing the rest of them."""
+    grads = 4 * params / (world if stage >= 2 else 1)
+    moments = 8 * params / (world if stage >= 1 else 1)
+    partition = 4 * params / world if stage >= 1 else 0
+    freed = 4 * params * (1 - 1 / world) if stage == 3 else 0
+    return int(grads + moments + partition - freed)
+
+
+def choose_zero_stage(params: int, free: int, world: int) -> int:
+    """The fastest ZeRO stage (0, then 2, then 3) whose training state of `params`
+    parameters leaves `ACTIVATION_SHARE` of a worker's `free` bytes; stage 3 when none
+    does (the most it can partition)."""
+    budget = free * (1 - ACTIVATION_SHARE)
+    return next((stage for stage in AUTO_STAGES if state_bytes(params, stage, world) <= budget),
+                AUTO_STAGES[-1])
+
+
+def agreed_zero_stage(params: int, free: int, world: int, device: torch.device) -> int:
+    """`choose_zero_stage` agreed by every worker (over the group's backend, on `device`):
+    the highest any of them needs, so that a worker with less free memory than the others
+    is not overrun."""
+    import torch.distributed as dist
+
+    stage = torch.tensor([choose_zero_stage(params, free, world)], device=device)
+    if world > 1:
+        dist.all_reduce(stage, op=dist.ReduceOp.MAX)
+    return int(stage)
 
 
 def deepspeed_config(settings: DistillSettings, zero_stage: int, world: int,

@@ -83,6 +83,10 @@ class DistillSettings:
         return self.steps * self.windows_per_step * self.seq_len
 
 
+ZERO_STAGES = (0, 1, 2, 3)
+"""The DeepSpeed ZeRO stages training on several workers can run with."""
+
+
 STRATEGIES = ("sandwich", "random", "random_linear", "ats", "standard")
 """Super-network training strategies (the seed method's library offers the same five)."""
 
