@@ -244,3 +244,35 @@ def model_dir_config(model_dir):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_dir)
+
+
+def test_a_student_with_block_channels_trains_but_not_with_lora() -> None:
+    from prunetune.training.distill import check_inputs
+    from prunetune.training.settings import DistillSettings
+
+    teacher = random_model(tiny_config("llama"), seed=7)
+    norms = sorted_norms(teacher)
+    subnet = SubnetConfig((0, 1), (1, 2), (3, 3), (16, 32), 48, channels=Channels((24, 40), (32, 16)))
+    student = extract(teacher, subnet, norms)
+    windows = torch.randint(0, 96, (2, 8))
+    with pytest.raises(ValueError, match="lora_rank = 4: a student with per-block channels"):
+        check_inputs(teacher, student, windows, DistillSettings(seq_len=8, lora_rank=4))
+    check_inputs(teacher, student, windows, DistillSettings(seq_len=8))
+    student.train()
+    loss = student(windows, labels=windows).loss
+    loss.backward()
+    writer = student.model.layers[1].mlp.down_proj
+    assert writer.weight.grad is not None and writer.weight.grad.abs().sum() > 0
+
+
+def test_a_super_network_step_trains_disp_sub_networks() -> None:
+    from prunetune.training.supernet import StepPlan, largest_and_smallest, supernet_step
+
+    model = random_model(tiny_config("llama"), seed=8)
+    norms = sorted_norms(model)
+    largest, smallest = largest_and_smallest(make_space("disp", model.config, min_ratio=0.5, embed_step=8))
+    assert smallest.channels == Channels((24,) * 2, (24,) * 2)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    loss = supernet_step(model, StepPlan(largest, True, (smallest,)), ids, top_k=8, input_norms=norms)
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.model.layers[2].parameters())
