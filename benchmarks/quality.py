@@ -24,6 +24,13 @@ windows and PIQA items; it prints a table and writes sparsity.json to --out.
     python benchmarks/quality.py [--quick] [--presets per_layer uniform]
                                  [--no-importance-presets per_layer] [--trials 150]
     python benchmarks/quality.py --sparsity [--quick] [--test-windows 32] [--task-limit 200]
+    python benchmarks/quality.py --disp [--quick] [--trials 150] [--device auto]
+
+With `--disp` it searches the `disp` space (per-block residual channels, DISP-LLM) and
+the `per_layer` space (one embedding width) with the same algorithm, seed and number of
+trials, and reports each front's best point at 90 to 50% of the parameters on the test
+split, with the baselines at the same budgets; it writes disp.png and disp.json to --out.
+`--device auto` (or cuda) runs the searches and the report on a GPU when there is one.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from prunetune.search_spaces.cost import count_nonzero_params, count_params
 from prunetune.search_spaces.subnet import Sparsity, SubnetConfig
 
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
+PRESETS = ["uniform", "per_layer", "disp"]
 SEQ_LEN = 256
 CALIBRATION = "wikitext2:valid"
 CALIBRATION_SAMPLES = 8
@@ -77,6 +85,9 @@ class Options:
     seed: int = 0
     budgets: tuple[float, ...] = BUDGETS
     sparsity: bool = False
+    device: str = "cpu"
+    name: str = "quality"
+    """Base name of the figure and record written to `out` (`disp` with --disp)."""
 
 
 @dataclass
@@ -113,9 +124,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: few trials, 2 windows, 20 PIQA items, uniform preset only")
-    p.add_argument("--presets", nargs="+", default=None, choices=["uniform", "per_layer"])
+    p.add_argument("--presets", nargs="+", default=None, choices=PRESETS)
     p.add_argument("--no-importance-presets", nargs="*", default=None,
-                   choices=["uniform", "per_layer"],
+                   choices=[p for p in PRESETS if p != "disp"],
                    help="presets also searched without the importance permutation")
     p.add_argument("--algorithm", default=None, choices=["nsga2", "local", "random"])
     p.add_argument("--trials", type=int, default=None, help="search trials per preset")
@@ -128,16 +139,23 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--sparsity", action="store_true",
                    help="compare 50%% unstructured and 2:4 weight sparsity with the structural "
                         "recipes at equal nonzero parameters (no search)")
+    p.add_argument("--disp", action="store_true",
+                   help="compare the disp front (per-block channels) with the per_layer front "
+                        "at the same number of trials; writes disp.png and disp.json")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="where searches and reports run (auto: the GPU when there is one)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                    help="where quality.png and quality.json go (default: benchmarks/)")
     p.add_argument("--run-root", type=Path, default=Path("runs/quality"),
                    help="where the searches keep their run directories (replaced each run)")
     a = p.parse_args(argv)
     quick = a.quick
+    default_presets = (["per_layer", "disp"] if a.disp else ["uniform"] if quick
+                       else ["per_layer", "uniform"])
     return Options(
-        presets=a.presets or (["uniform"] if quick else ["per_layer", "uniform"]),
+        presets=a.presets or default_presets,
         no_importance_presets=(a.no_importance_presets if a.no_importance_presets is not None
-                               else [] if quick else ["per_layer"]),
+                               else [] if quick or a.disp else ["per_layer"]),
         algorithm=a.algorithm or "local",
         trials=a.trials or (6 if quick else 150),
         population=4 if quick else 8,
@@ -145,7 +163,24 @@ def parse_args(argv: list[str] | None = None) -> Options:
         test_windows=a.test_windows or (2 if quick else 32),
         task_limit=a.task_limit or (20 if quick else 200),
         out=a.out, run_root=a.run_root, quick=quick, seed=a.seed, sparsity=a.sparsity,
+        device=resolved_device(a.device), name="disp" if a.disp else "quality",
     )
+
+
+def resolved_device(device: str) -> str:
+    """`cpu` or `cuda`; `auto` is the GPU when there is one."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resources(opts: Options) -> dict[str, Any]:
+    """One evaluator: a GPU, or 2 CPU cores."""
+    if opts.device == "cuda":
+        return {"evaluators": 1, "gpus_per_evaluator": 1}
+    return {"evaluators": 1, "cpus_per_evaluator": 2}
 
 
 def search_spec(opts: Options, preset: str, importance: str, run_dir: Path) -> Any:
@@ -160,7 +195,7 @@ def search_spec(opts: Options, preset: str, importance: str, run_dir: Path) -> A
         "evaluation": {"data": "wikitext2:valid", "windows": opts.search_windows,
                        "seq_len": SEQ_LEN, "calibration": CALIBRATION,
                        "calibration_samples": CALIBRATION_SAMPLES, "importance": importance},
-        "resources": {"evaluators": 1, "cpus_per_evaluator": 2},
+        "resources": resources(opts),
     })
 
 
@@ -187,7 +222,7 @@ def best_within(front: pd.DataFrame, max_params: float) -> SubnetConfig | None:
 def report_settings(opts: Options, importance: str) -> EvaluatorSettings:
     """Test-split windows and PIQA; the importance calibration of the search."""
     return EvaluatorSettings(
-        model="smollm2", device="cpu", data="wikitext2:test", seq_len=SEQ_LEN,
+        model="smollm2", device=opts.device, data="wikitext2:test", seq_len=SEQ_LEN,
         windows=opts.test_windows, batch_size=4, tasks=("piqa",), task_limit=opts.task_limit,
         importance=importance, calibration=CALIBRATION, calibration_samples=CALIBRATION_SAMPLES,
     )
@@ -310,9 +345,17 @@ def compare_sparsity(opts: Options) -> None:
 
 
 def _shape(subnet: SubnetConfig) -> str:
-    mlp = sum(subnet.mlp) / subnet.num_layers
-    heads = sum(k * q for k, q in zip(subnet.kv_heads, subnet.q_per_kv)) / subnet.num_layers
-    return f"{subnet.num_layers} L, {heads:.1f} h, {mlp:.0f} n, {subnet.embed} e"
+    """Layers, mean heads, mean neurons, and embedding channels (per-block channels: the
+    mean of the attention's and of the MLP's)."""
+    n = subnet.num_layers
+    mlp = sum(subnet.mlp) / n
+    heads = sum(k * q for k, q in zip(subnet.kv_heads, subnet.q_per_kv)) / n
+    if subnet.channels is None:
+        channels = f"{subnet.embed} e"
+    else:
+        channels = (f"{sum(subnet.channels.attn) / n:.0f}/{sum(subnet.channels.mlp) / n:.0f} "
+                    "e (attn/mlp)")
+    return f"{n} L, {heads:.1f} h, {mlp:.0f} n, {channels}"
 
 
 def markdown_table(measured: list[Measured], dense_params: int) -> str:
@@ -341,7 +384,7 @@ def search_summary(searches: list[SearchRun], opts: Options) -> str:
             f"{run.label}: {opts.algorithm}, {run.trials} trials, {len(run.front)} on "
             f"the front, {run.wall_seconds / 60:.1f} min wall, {run.eval_seconds / 60:.1f} min "
             f"in evaluations ({opts.search_windows} validation windows of {SEQ_LEN} tokens, "
-            "1 evaluator on 2 CPU cores)")
+            f"1 evaluator on {'a GPU' if opts.device == 'cuda' else '2 CPU cores'})")
     return "\n".join(lines)
 
 
@@ -417,15 +460,16 @@ def main(argv: list[str] | None = None) -> None:
     print("measuring the reported points on the test split...", flush=True)
     measured = evaluate_plan(opts, planned_points(opts, searches, model_config, layer_order))
     seconds = time.perf_counter() - start
-    plot(measured, searches, dense_params, opts.out / "quality.png")
-    write_json(measured, searches, opts, seconds, opts.out / "quality.json")
+    figure, record = opts.out / f"{opts.name}.png", opts.out / f"{opts.name}.json"
+    plot(measured, searches, dense_params, figure)
+    write_json(measured, searches, opts, seconds, record)
     print()
     print(markdown_table(measured, dense_params))
     print()
     print(search_summary(searches, opts))
     print(f"total: {seconds / 60:.1f} min; WikiText-2 test: {opts.test_windows} windows of "
           f"{SEQ_LEN} tokens; PIQA: first {opts.task_limit} validation items")
-    print(f"wrote {opts.out / 'quality.png'} and {opts.out / 'quality.json'}")
+    print(f"wrote {figure} and {record}")
 
 
 if __name__ == "__main__":

@@ -210,8 +210,8 @@ def test_preset_bounds():
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda: make_space("disp", GQA),
-         r"unknown search-space preset 'disp'; known presets: layers, per_layer, uniform"),
+        (lambda: make_space("dispp", GQA),
+         r"unknown search-space preset 'dispp'; known presets: disp, layers, per_layer, uniform"),
         (lambda: make_space("layers", GQA, min_layers=5),
          r"layers space: min_layers = 5 must be in \[1, num_layers = 4\]"),
         (lambda: make_space("uniform", GQA, min_ratio=0.0),

@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prunetune.evaluators.importance import activation_scores, permute_model, wanda_scores
+from prunetune.evaluators.importance import (
+    BlockChannels, activation_scores, permute_model, wanda_scores,
+)
 from prunetune.evaluators.model import random_model, tiny_config
 from prunetune.evaluators.surgery import (
     SPARSITY_CONFIG_KEY, SUBNET_FILE, apply_masks, extract, kept_blocks, load_pruned, n_m_keep,
@@ -139,7 +141,7 @@ def kept_nonzero_under_masks(model: torch.nn.Module, subnet: SubnetConfig) -> in
     total = 0
     for old_i, kv, q, m in zip(subnet.layers, subnet.kv_heads, subnet.q_per_kv, subnet.mlp):
         layer = model.get_submodule(a.layers)[old_i]
-        for block in kept_blocks(layer, a, d, subnet.embed, kv, q, m).values():
+        for block in kept_blocks(layer, a, d, BlockChannels.prefix(subnet.embed), kv, q, m).values():
             linear = block.linear
             with torch.no_grad():
                 bias = 0 if linear.bias is None else linear.bias

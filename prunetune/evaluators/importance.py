@@ -9,7 +9,9 @@ embedding channel at every RMSNorm output); block influence follows ShortGPT
 unchanged, because every permuted axis is summed over or normalised as a whole.
 
 The same calibration pass collects the L2 norm of every input channel of every layer's
-projections (`InputNorms`), which weight sparsity's Wanda scores (`wanda_scores`) need.
+projections (`InputNorms`), which weight sparsity's Wanda scores (`wanda_scores`) need,
+and of every residual channel that its attention and MLP write, which, with the norms of
+what they read, choose each block's own channels in the DISP space (`block_channels`).
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ class InputNorms:
     """L2 norms over the calibration tokens of the input channels of each layer's
     projections: `attn[i]` of q/k/v (the input norm's output), `o[i]` of o_proj (the query
     heads' outputs), `mlp[i]` of gate/up (the post-attention norm's output) and `down[i]`
-    of down_proj (the neurons)."""
+    of down_proj (the neurons); and of the residual channels the layer's sub-layers write:
+    `attn_out[i]` of o_proj's output, `mlp_out[i]` of down_proj's."""
 
     attn: list[torch.Tensor]
     o: list[torch.Tensor]
     mlp: list[torch.Tensor]
     down: list[torch.Tensor]
+    attn_out: list[torch.Tensor]
+    mlp_out: list[torch.Tensor]
 
-    KINDS = ("attn", "o", "mlp", "down")
+    KINDS = ("attn", "o", "mlp", "down", "attn_out", "mlp_out")
 
     def of(self, a: Adapter, layer: int, projection: str) -> torch.Tensor:
         """The input-channel norms of `projection` (an adapter name, e.g. `a.q`) of `layer`."""
@@ -49,13 +54,49 @@ class InputNorms:
         return {f"input_norms.{kind}.{i}": t for kind in self.KINDS
                 for i, t in enumerate(getattr(self, kind))}
 
+    def block_channels(self, layer: int, attn: int, mlp: int) -> "BlockChannels":
+        """The residual channels `layer` keeps when its attention reads and writes `attn`
+        of them and its MLP `mlp`: each side's highest-norm channels, its reads by the
+        normalised input, its writes by the output."""
+        return BlockChannels(attn_read=top_channels(self.attn[layer], attn),
+                             attn_write=top_channels(self.attn_out[layer], attn),
+                             mlp_read=top_channels(self.mlp[layer], mlp),
+                             mlp_write=top_channels(self.mlp_out[layer], mlp))
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], layers: int) -> "InputNorms | None":
-        """What `tensors` wrote; None for a scores file written without input norms."""
-        if "input_norms.attn.0" not in tensors:
+        """What `tensors` wrote; None for a scores file written without input norms, or
+        without any of today's kinds (it is computed again)."""
+        if any(f"input_norms.{kind}.0" not in tensors for kind in cls.KINDS):
             return None
         return cls(**{kind: [tensors[f"input_norms.{kind}.{i}"] for i in range(layers)]
                       for kind in cls.KINDS})
+
+
+@dataclass(frozen=True)
+class BlockChannels:
+    """The residual channels one layer's attention and MLP read and write, ascending."""
+
+    attn_read: torch.Tensor
+    attn_write: torch.Tensor
+    mlp_read: torch.Tensor
+    mlp_write: torch.Tensor
+
+    @classmethod
+    def prefix(cls, width: int, device: torch.device | None = None) -> "BlockChannels":
+        """The first `width` channels for every read and write (one embedding width)."""
+        first = torch.arange(width, device=device)
+        return cls(first, first, first, first)
+
+    def to(self, device: torch.device) -> "BlockChannels":
+        return BlockChannels(*(t.to(device) for t in (self.attn_read, self.attn_write,
+                                                      self.mlp_read, self.mlp_write)))
+
+
+def top_channels(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The `keep` highest-scoring channels, ascending (ties keep the earlier channel), so
+    that a wider choice keeps every channel of a narrower one."""
+    return torch.sort(descending(scores)[:keep]).values
 
 
 def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
@@ -136,7 +177,8 @@ class _Accumulator:
         self.embed = torch.zeros(self.d.hidden_size, dtype=torch.float64)
         self.influence = torch.zeros(n, dtype=torch.float64)
         widths = {"attn": self.d.hidden_size, "o": self.d.num_heads * self.d.head_dim,
-                  "mlp": self.d.hidden_size, "down": self.d.intermediate_size}
+                  "mlp": self.d.hidden_size, "down": self.d.intermediate_size,
+                  "attn_out": self.d.hidden_size, "mlp_out": self.d.hidden_size}
         self.squares = {kind: [torch.zeros(w, dtype=torch.float64) for _ in range(n)]
                         for kind, w in widths.items()}
         self.tokens = 0
@@ -148,6 +190,8 @@ class _Accumulator:
             attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
             yield attn.get_submodule(a.o).register_forward_pre_hook(self._head_hook(i))
             yield mlp.get_submodule(a.down).register_forward_pre_hook(self._neuron_hook(i))
+            yield attn.get_submodule(a.o).register_forward_hook(self._square_hook("attn_out", i))
+            yield mlp.get_submodule(a.down).register_forward_hook(self._square_hook("mlp_out", i))
             yield layer.register_forward_hook(self._influence_hook(i), with_kwargs=True)
             for norm, kind in ((a.input_norm, "attn"), (a.post_attn_norm, "mlp")):
                 yield layer.get_submodule(norm).register_forward_hook(self._embed_hook)
@@ -314,7 +358,9 @@ def permute_model(model: nn.Module, scores: ImportanceScores) -> ImportanceScore
         norms = InputNorms(attn=[t[channels] for t in norms.attn],
                            o=[t[rows] for t, (rows, _) in zip(norms.o, orders)],
                            mlp=[t[channels] for t in norms.mlp],
-                           down=[t[neurons] for t, (_, neurons) in zip(norms.down, orders)])
+                           down=[t[neurons] for t, (_, neurons) in zip(norms.down, orders)],
+                           attn_out=[t[channels] for t in norms.attn_out],
+                           mlp_out=[t[channels] for t in norms.mlp_out])
     return ImportanceScores(heads=new_heads, neurons=new_neurons, embed=scores.embed[channels],
                             block_influence=scores.block_influence.clone(),
                             meta={**scores.meta, "permuted": "true"}, input_norms=norms)

@@ -296,13 +296,16 @@ def latency_model(model_config: Any, subnet: SubnetConfig, dtype: torch.dtype,
 def shape_key(subnet: SubnetConfig, settings: LatencySettings, device: torch.device | str,
               dtype: torch.dtype) -> str:
     """What latency depends on: widths of the kept layers, embed, settings (the mode among
-    them), device, dtype, and which kept layers run 2:4 sparse (named only when any does)."""
+    them), device, dtype, which kept layers run 2:4 sparse (named only when any does), and
+    per-block channels (only when set)."""
     widths = list(zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp))
     key: dict[str, Any] = {"widths": widths, "embed": subnet.embed, "settings": asdict(settings),
                            "device": str(device), "dtype": str(dtype)}
     sparse = semi_structured_layers(subnet, device)
     if any(sparse):
         key["semi_structured"] = sparse
+    if subnet.channels is not None:
+        key["channels"] = subnet.channels.to_dict()
     return json.dumps(key, sort_keys=True)
 
 

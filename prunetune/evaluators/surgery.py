@@ -6,6 +6,14 @@ channels at zero with every RMSNorm taken over the kept channels only. Extractio
 the same weights into a new model, so a half-size sub-network runs at half the cost.
 Weights must already be importance-sorted: keeping k means keeping the first k.
 
+With per-block channels (`SubnetConfig.channels`, the DISP space) the residual stream
+keeps its width and each sub-layer reads and writes its own channels, chosen by the
+calibration norms (`InputNorms.block_channels`). Masks zero the input norm's output
+outside the channels a sub-layer reads and its writer's output outside those it writes;
+extraction gives the sub-layer an RMSNorm over the whole stream that returns the read
+channels only (`SelectedRMSNorm`) and a writer that scatters its outputs into the write
+channels (`ScatterLinear`), both naming their channels in an index buffer.
+
 A sub-network's weight sparsity (`SubnetConfig.sparsity`) is decided on the kept block of
 every linear weight, in the extracted model's shapes, so both ways zero the same weights:
 extraction writes the zeros into its copy, masks multiply the weight by a boolean mask in
@@ -25,7 +33,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from prunetune.evaluators.importance import InputNorms, magnitude_weight_scores, wanda_scores
+from prunetune.evaluators.importance import (
+    BlockChannels, InputNorms, magnitude_weight_scores, wanda_scores,
+)
 from prunetune.search_spaces.dims import Adapter, ModelDims, adapter_for
 from prunetune.search_spaces.subnet import Sparsity, SubnetConfig
 
@@ -60,6 +70,12 @@ def _prefix_mask(size: int, keep: int, like: torch.Tensor) -> torch.Tensor:
 def _scale_input(mask: torch.Tensor) -> Any:
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return (args[0] * mask, *args[1:])
+    return hook
+
+
+def _scale_output(mask: torch.Tensor) -> Any:
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * mask
     return hook
 
 
@@ -127,16 +143,22 @@ def apply_masks(model: nn.Module, subnet: SubnetConfig, slices: InputSlices | No
     `down_proj` read; layers and embedding channels are not split and mask the same way.
     Weight sparsity multiplies each kept linear weight by a boolean mask in its forward
     (Wanda's scores need `input_norms`, those of the permuted model); it is refused under
-    tensor parallelism, where no rank holds a whole row.
+    tensor parallelism, where no rank holds a whole row. Per-block channels scale each
+    sub-layer's normalised input and output by its channels' 0/1 mask (chosen by
+    `input_norms`); they are refused under tensor parallelism too.
     """
     d = ModelDims.from_config(model.config)
     subnet.validate(d)
     if subnet.sparsity is not None and slices is not None:
         raise ValueError("sparsity: weight sparsity needs whole weights; it is not applied "
                          "on tensor-parallel slices")
+    if subnet.channels is not None and slices is not None:
+        raise ValueError("channels: per-block channels are not applied on tensor-parallel "
+                         "slices")
     a = adapter_for(model)
     layers = model.get_submodule(a.layers)
     kept = dict(zip(subnet.layers, zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp)))
+    position = {layer: j for j, layer in enumerate(subnet.layers)}
     levels = dict(zip(subnet.layers, subnet.sparsity.levels if subnet.sparsity else ()))
     like = next(model.parameters())
     slices = slices or InputSlices()
@@ -146,8 +168,13 @@ def apply_masks(model: nn.Module, subnet: SubnetConfig, slices: InputSlices | No
                 stack.enter_context(_patched_forward(layer, _identity_layer))
                 continue
             _mask_layer(stack, layer, a, d, kept[i], like, slices)
+            if subnet.channels is None and levels.get(i, 0) == 0:
+                continue
+            channels = layer_channels(subnet, position[i], input_norms, like.device)
+            if subnet.channels is not None:
+                _mask_block_channels(stack, layer, a, d, channels, like)
             if levels.get(i, 0) > 0:
-                _mask_weights(stack, layer, a, d, subnet.embed, kept[i], subnet.sparsity,
+                _mask_weights(stack, layer, a, d, channels, kept[i], subnet.sparsity,
                               levels[i], input_norms, i)
         if subnet.embed < d.hidden_size:
             _mask_channels(stack, model, a, layers, subnet.embed)
@@ -166,6 +193,41 @@ def _mask_layer(stack: ExitStack, layer: nn.Module, a: Adapter, d: ModelDims,
         mask = _prefix_mask(d.intermediate_size, m, like)[slices.neurons]
         down = mlp.get_submodule(a.down)
         stack.enter_context(_hook(down.register_forward_pre_hook(_scale_input(mask))))
+
+
+def layer_channels(subnet: SubnetConfig, kept: int, input_norms: InputNorms | None,
+                   device: torch.device | None = None) -> BlockChannels:
+    """The residual channels that kept layer `kept` (its position in `subnet.layers`)
+    reads and writes: the first `embed` for all, or with per-block channels its own, chosen
+    by the calibration norms `input_norms` (those of the permuted model)."""
+    if subnet.channels is None:
+        return BlockChannels.prefix(subnet.embed, device)
+    if input_norms is None:
+        raise ValueError("channels: per-block channels are chosen by the norms of the "
+                         "activation calibration pass (evaluation.importance: activation); "
+                         "none were given")
+    attn, mlp = subnet.sublayer_channels()[kept]
+    return input_norms.block_channels(subnet.layers[kept], attn, mlp).to(device)
+
+
+def _channel_mask(d: ModelDims, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(d.hidden_size, dtype=like.dtype, device=like.device)
+    mask[index] = 1
+    return mask
+
+
+def _mask_block_channels(stack: ExitStack, layer: nn.Module, a: Adapter, d: ModelDims,
+                         channels: BlockChannels, like: torch.Tensor) -> None:
+    """Make a layer's attention and MLP read and write their own residual channels only:
+    each input norm's output and each writer's output is zero outside them (the norms
+    still run over the whole stream)."""
+    attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
+    for module, index in ((layer.get_submodule(a.input_norm), channels.attn_read),
+                          (attn.get_submodule(a.o), channels.attn_write),
+                          (layer.get_submodule(a.post_attn_norm), channels.mlp_read),
+                          (mlp.get_submodule(a.down), channels.mlp_write)):
+        mask = _channel_mask(d, index, like)
+        stack.enter_context(_hook(module.register_forward_hook(_scale_output(mask))))
 
 
 def _mask_channels(stack: ExitStack, model: nn.Module, a: Adapter, layers: nn.ModuleList,
@@ -226,19 +288,20 @@ class KeptBlock:
         return self.linear.weight.index_select(0, self.rows).index_select(1, self.cols)
 
 
-def kept_blocks(layer: nn.Module, a: Adapter, d: ModelDims, e: int, kv: int, q: int,
-                m: int) -> dict[str, KeptBlock]:
+def kept_blocks(layer: nn.Module, a: Adapter, d: ModelDims, channels: BlockChannels, kv: int,
+                q: int, m: int) -> dict[str, KeptBlock]:
     """The kept blocks of a layer's q, k, v, o, gate, up and down projections, by the
-    adapter's projection name."""
+    adapter's projection name; `channels` are the residual channels the layer reads and
+    writes (`layer_channels`)."""
     attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
     device = attn.get_submodule(a.q).weight.device
     heads = _head_rows(d, kv, q, device)
-    prefix = lambda size: torch.arange(size, device=device)  # noqa: E731
-    kv_rows, channels, neurons = prefix(kv * d.head_dim), prefix(e), prefix(m)
-    spans = ((attn, a.attn, a.q, heads, channels), (attn, a.attn, a.k, kv_rows, channels),
-             (attn, a.attn, a.v, kv_rows, channels), (attn, a.attn, a.o, channels, heads),
-             (mlp, a.mlp, a.gate, neurons, channels), (mlp, a.mlp, a.up, neurons, channels),
-             (mlp, a.mlp, a.down, channels, neurons))
+    kv_rows, neurons = torch.arange(kv * d.head_dim, device=device), torch.arange(m, device=device)
+    c = channels.to(device)
+    spans = ((attn, a.attn, a.q, heads, c.attn_read), (attn, a.attn, a.k, kv_rows, c.attn_read),
+             (attn, a.attn, a.v, kv_rows, c.attn_read), (attn, a.attn, a.o, c.attn_write, heads),
+             (mlp, a.mlp, a.gate, neurons, c.mlp_read), (mlp, a.mlp, a.up, neurons, c.mlp_read),
+             (mlp, a.mlp, a.down, c.mlp_write, neurons))
     return {name: KeptBlock(parent.get_submodule(name), f"{where}.{name}", rows, cols)
             for parent, where, name, rows, cols in spans}
 
@@ -262,11 +325,11 @@ def _masked_weight_forward(mask: torch.Tensor) -> Any:
     return forward
 
 
-def _mask_weights(stack: ExitStack, layer: nn.Module, a: Adapter, d: ModelDims, e: int,
-                  widths: tuple[int, int, int], sparsity: Sparsity, level: float,
-                  norms: InputNorms | None, index: int) -> None:
+def _mask_weights(stack: ExitStack, layer: nn.Module, a: Adapter, d: ModelDims,
+                  channels: BlockChannels, widths: tuple[int, int, int], sparsity: Sparsity,
+                  level: float, norms: InputNorms | None, index: int) -> None:
     """Make every kept block of a layer compute with its sparsity mask applied."""
-    for name, block in kept_blocks(layer, a, d, e, *widths).items():
+    for name, block in kept_blocks(layer, a, d, channels, *widths).items():
         keep = block_keep(block, name, sparsity, level, norms, a, index)
         mask = torch.zeros_like(block.linear.weight, dtype=torch.bool)
         mask[block.rows[:, None], block.cols[None, :]] = keep
@@ -294,20 +357,80 @@ def _linear(old: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
                      device="meta", dtype=old.weight.dtype)
 
 
-def _resize_layer(layer: nn.Module, a: Adapter, d: ModelDims, e: int,
-                  widths: tuple[int, int, int]) -> None:
-    """Give one skeleton layer its own head and neuron counts."""
+class SelectedRMSNorm(nn.Module):
+    """An RMSNorm over the whole residual stream that returns only the channels its
+    sub-layer reads (the index buffer `channels`), times their weights: the input norm of
+    a block with its own channels. Computes what the model's RMSNorm computes, then
+    index-selects."""
+
+    def __init__(self, channels: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.register_buffer("channels", torch.zeros(channels, dtype=torch.long))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x.index_select(-1, self.channels) * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * x.to(input_dtype)
+
+
+class ScatterLinear(nn.Linear):
+    """A linear layer whose outputs go into the channels `channels` (an index buffer) of a
+    residual stream of `width` channels, zeros elsewhere: the writer (o_proj, down_proj)
+    of a block with its own channels; the decoder layer's residual add makes it a
+    scatter-add."""
+
+    def __init__(self, in_features: int, out_features: int, width: int, bias: bool,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype)
+        self.width = width
+        self.register_buffer("channels", torch.zeros(out_features, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y.new_zeros(*y.shape[:-1], self.width).index_copy(-1, self.channels, y)
+
+
+def _scatter_linear(old: nn.Linear, out_features: int, in_features: int,
+                    width: int) -> ScatterLinear:
+    with torch.device("meta"):
+        return ScatterLinear(in_features, out_features, width, old.bias is not None,
+                             old.weight.dtype)
+
+
+def _selected_norm(old: nn.Module, channels: int) -> SelectedRMSNorm:
+    with torch.device("meta"):
+        return SelectedRMSNorm(channels, old.variance_epsilon).to(old.weight.dtype)
+
+
+def _resize_layer(layer: nn.Module, a: Adapter, d: ModelDims, sublayer: tuple[int, int],
+                  widths: tuple[int, int, int], per_block: bool) -> None:
+    """Give one skeleton layer its own head and neuron counts, and with `per_block` its
+    own residual channels (`sublayer`: those of its attention and MLP)."""
     kv, q, m = widths
+    ea, em = sublayer
     attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
     q_width, kv_width = kv * q * d.head_dim, kv * d.head_dim
-    for name, out_f, in_f in ((a.q, q_width, e), (a.k, kv_width, e), (a.v, kv_width, e),
-                              (a.o, e, q_width)):
+    for name, out_f, in_f in ((a.q, q_width, ea), (a.k, kv_width, ea), (a.v, kv_width, ea)):
         setattr(attn, name, _linear(attn.get_submodule(name), out_f, in_f))
     attn.num_key_value_groups = q
-    for name, out_f, in_f in ((a.gate, m, e), (a.up, m, e), (a.down, e, m)):
+    for name, out_f, in_f in ((a.gate, m, em), (a.up, m, em)):
         setattr(mlp, name, _linear(mlp.get_submodule(name), out_f, in_f))
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = m
+    writers = ((attn, a.o, ea, q_width), (mlp, a.down, em, m))
+    if not per_block:
+        for parent, name, out_f, in_f in writers:
+            setattr(parent, name, _linear(parent.get_submodule(name), out_f, in_f))
+        return
+    for parent, name, out_f, in_f in writers:
+        setattr(parent, name, _scatter_linear(parent.get_submodule(name), out_f, in_f,
+                                              d.hidden_size))
+    for name, channels in ((a.input_norm, ea), (a.post_attn_norm, em)):
+        setattr(layer, name, _selected_norm(layer.get_submodule(name), channels))
 
 
 def _skeleton(model_config: Any, subnet: SubnetConfig, dtype: torch.dtype) -> nn.Module:
@@ -321,8 +444,9 @@ def _skeleton(model_config: Any, subnet: SubnetConfig, dtype: torch.dtype) -> nn
     a = adapter_for(model)
     if not subnet.is_uniform:
         layers = model.get_submodule(a.layers)
-        for layer, widths in zip(layers, zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp)):
-            _resize_layer(layer, a, d, subnet.embed, widths)
+        for layer, sublayer, widths in zip(layers, subnet.sublayer_channels(),
+                                           zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp)):
+            _resize_layer(layer, a, d, sublayer, widths, subnet.channels is not None)
     return model
 
 
@@ -341,13 +465,20 @@ def _sliced_state(model: nn.Module, subnet: SubnetConfig,
     if not d.tie_word_embeddings:
         state[f"{a.lm_head}.weight"] = model.get_submodule(a.lm_head).weight[:, :e]
     levels = subnet.sparsity.levels if subnet.sparsity else (0.0,) * subnet.num_layers
+    device = next(model.parameters()).device
     for new_i, (old_i, kv, q, m, level) in enumerate(zip(subnet.layers, subnet.kv_heads,
                                                          subnet.q_per_kv, subnet.mlp, levels)):
         prefix = f"{a.layers}.{new_i}."
         layer = layers[old_i]
-        state[prefix + f"{a.input_norm}.weight"] = layer.get_submodule(a.input_norm).weight[:e]
-        state[prefix + f"{a.post_attn_norm}.weight"] = layer.get_submodule(a.post_attn_norm).weight[:e]
-        for name, block in kept_blocks(layer, a, d, e, kv, q, m).items():
+        channels = layer_channels(subnet, new_i, input_norms, device)
+        for norm, index in ((a.input_norm, channels.attn_read),
+                            (a.post_attn_norm, channels.mlp_read)):
+            state[f"{prefix}{norm}.weight"] = layer.get_submodule(norm).weight[index]
+        if subnet.channels is not None:
+            state.update({f"{prefix}{path}.channels": index for path, index in (
+                (a.input_norm, channels.attn_read), (f"{a.attn}.{a.o}", channels.attn_write),
+                (a.post_attn_norm, channels.mlp_read), (f"{a.mlp}.{a.down}", channels.mlp_write))})
+        for name, block in kept_blocks(layer, a, d, channels, kv, q, m).items():
             weight = block.weight()
             if level > 0:
                 weight = weight * block_keep(block, name, subnet.sparsity, level, input_norms,
@@ -400,6 +531,9 @@ def random_subnet_model(model_config: Any, subnet: SubnetConfig, dtype: torch.dt
     for name, p in skeleton.named_parameters():
         tensor = torch.empty(p.shape, dtype=dtype, device=device)
         state[name] = tensor.normal_(0, 0.02, generator=generator) if p.dim() > 1 else tensor.fill_(1)
+    for name, buffer in skeleton.named_buffers():
+        if not buffer.is_floating_point():  # the channel indices of per-block channels
+            state[name] = torch.arange(buffer.numel(), device=device)
     return _materialize(skeleton, state, torch.device(device))
 
 
@@ -459,7 +593,8 @@ def _as_mistral(config: Any) -> Any:
 
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None,
                 device: str | torch.device = "cpu") -> nn.Module:
-    """Load a checkpoint written by `save_pruned`, per-layer widths included."""
+    """Load a checkpoint written by `save_pruned`, per-layer widths and per-block
+    channels (their index buffers are in the safetensors) included."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -472,12 +607,13 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None,
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     subnet = SubnetConfig.from_dict(record["subnet"])
     local = SubnetConfig(layers=tuple(range(subnet.num_layers)), kv_heads=subnet.kv_heads,
-                         q_per_kv=subnet.q_per_kv, mlp=subnet.mlp, embed=subnet.embed)
+                         q_per_kv=subnet.q_per_kv, mlp=subnet.mlp, embed=subnet.embed,
+                         channels=subnet.channels)
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(shard, device=str(device)))
-    dtype = dtype or next(iter(state.values())).dtype
-    state = {k: v.to(dtype) for k, v in state.items()}
+    dtype = dtype or next(v for v in state.values() if v.is_floating_point()).dtype
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     skeleton = _skeleton(_widest_view(AutoConfig.from_pretrained(path), local), local, dtype)
     return _materialize(skeleton, state, torch.device(device))
 

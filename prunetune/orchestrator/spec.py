@@ -146,7 +146,7 @@ class SparsitySpec(_Section):
 class SearchSpaceSpec(_Section):
     """The preset and its bounds (see `prunetune.search_spaces.spaces`)."""
 
-    preset: Literal["layers", "uniform", "per_layer"] = "uniform"
+    preset: Literal["layers", "uniform", "per_layer", "disp"] = "uniform"
     min_layers: int | None = Field(None, ge=1)
     min_ratio: float = Field(0.25, gt=0, le=1)
     neuron_step: int | None = Field(None, ge=1)
@@ -371,6 +371,20 @@ class Spec(_Section):
             raise _field_error("search_space.sparsity",
                                f"weight sparsity needs whole weights on one device; "
                                f"sharding: {self.resources.sharding} splits them")
+        return self
+
+    @model_validator(mode="after")
+    def _disp_has_what_it_needs(self) -> "Spec":
+        if self.search_space.preset != "disp":
+            return self
+        if self.evaluation.importance != "activation":
+            raise _field_error("evaluation.importance",
+                               "the disp preset chooses each block's channels by the "
+                               "activations of the calibration pass; set importance: activation")
+        if self.resources.sharding != "none":
+            raise _field_error("search_space.preset",
+                               f"disp needs whole layers on one device; sharding: "
+                               f"{self.resources.sharding} splits them")
         return self
 
     @model_validator(mode="after")

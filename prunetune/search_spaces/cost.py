@@ -4,46 +4,53 @@
 once; `count_nonzero_params` equals its nonzero count once its weight sparsity is applied
 (for weights that are not zero by themselves). FLOPs count a multiply-add as 2 and include the attention score and value products
 over the full (not causally halved) sequence, the convention of the scaling-law papers.
+With per-block channels (`SubnetConfig.channels`) a sub-layer's weights, biases and
+input-norm weight cover the residual channels it reads and writes, the embeddings and
+final norm the whole stream; the index buffers naming those channels are not parameters.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from prunetune.search_spaces.dims import ModelDims
 from prunetune.search_spaces.subnet import SubnetConfig
 
 
-
-def _layer_matmul_params(d: ModelDims, e: int, kv: int, q: int, m: int) -> int:
-    """Weights of one decoder layer that take part in matrix products."""
-    q_width = kv * q * d.head_dim
-    kv_width = kv * d.head_dim
-    attention = e * q_width + 2 * e * kv_width + q_width * e
-    return attention + 3 * e * m
+def _layer_matmul_params(d: ModelDims, ea: int, em: int, kv: int, q: int, m: int) -> int:
+    """Weights of one decoder layer that take part in matrix products; its attention reads
+    and writes `ea` residual channels, its MLP `em`."""
+    return sum(rows * cols for rows, cols in linear_shapes(d, ea, em, kv, q, m))
 
 
-def _layer_other_params(d: ModelDims, e: int, kv: int, q: int, m: int) -> int:
-    """Norm weights and biases of one decoder layer."""
-    n = 2 * e
+def _layer_other_params(d: ModelDims, ea: int, em: int, kv: int, q: int, m: int) -> int:
+    """Norm weights and biases of one decoder layer (each norm's weight covers the
+    channels its sub-layer reads)."""
+    n = ea + em
     if d.qkv_bias:
         n += kv * q * d.head_dim + 2 * kv * d.head_dim
     if d.o_bias:
-        n += e
+        n += ea
     if d.mlp_bias:
-        n += 2 * m + e
+        n += 2 * m + em
     return n
 
 
-def _layers(subnet: SubnetConfig) -> zip:
-    return zip(subnet.kv_heads, subnet.q_per_kv, subnet.mlp)
+def _layers(subnet: SubnetConfig) -> Iterator[tuple[int, int, int, int, int]]:
+    """Per kept layer: attention channels, MLP channels, kv heads, q per kv, neurons."""
+    for (ea, em), kv, q, m in zip(subnet.sublayer_channels(), subnet.kv_heads, subnet.q_per_kv,
+                                  subnet.mlp):
+        yield ea, em, kv, q, m
 
 
-def linear_shapes(d: ModelDims, e: int, kv: int, q: int, m: int) -> tuple[tuple[int, int], ...]:
-    """(out, in) of one kept layer's linear weights that weight sparsity prunes: q, k, v,
-    o, gate, up, down, in the extracted model's shapes."""
+def linear_shapes(d: ModelDims, ea: int, em: int, kv: int, q: int,
+                  m: int) -> tuple[tuple[int, int], ...]:
+    """(out, in) of one kept layer's linear weights: q, k, v, o, gate, up, down, in the
+    extracted model's shapes (attention reading and writing `ea` residual channels, the
+    MLP `em`)."""
     q_width, kv_width = kv * q * d.head_dim, kv * d.head_dim
-    return ((q_width, e), (kv_width, e), (kv_width, e), (e, q_width), (m, e), (m, e), (e, m))
+    return ((q_width, ea), (kv_width, ea), (kv_width, ea), (ea, q_width), (m, em), (m, em),
+            (em, m))
 
 
 def count_pruned_weights(model_config: Any, subnet: SubnetConfig) -> int:
@@ -53,8 +60,8 @@ def count_pruned_weights(model_config: Any, subnet: SubnetConfig) -> int:
         return 0
     d = ModelDims.of(model_config)
     return sum(rows * sparsity.zeros_per_row(level, width)
-               for (kv, q, m), level in zip(_layers(subnet), sparsity.levels)
-               for rows, width in linear_shapes(d, subnet.embed, kv, q, m))
+               for widths, level in zip(_layers(subnet), sparsity.levels)
+               for rows, width in linear_shapes(d, *widths))
 
 
 def count_nonzero_params(model_config: Any, subnet: SubnetConfig) -> int:
@@ -69,8 +76,8 @@ def count_params(model_config: Any, subnet: SubnetConfig) -> int:
     total = d.vocab_size * e + e  # embedding + final norm
     if not d.tie_word_embeddings:
         total += d.vocab_size * e
-    for kv, q, m in _layers(subnet):
-        total += _layer_matmul_params(d, e, kv, q, m) + _layer_other_params(d, e, kv, q, m)
+    for widths in _layers(subnet):
+        total += _layer_matmul_params(d, *widths) + _layer_other_params(d, *widths)
     return total
 
 
@@ -79,8 +86,8 @@ def forward_flops(model_config: Any, subnet: SubnetConfig, seq_len: int) -> int:
     d = ModelDims.of(model_config)
     e = subnet.embed
     flops = 2 * seq_len * d.vocab_size * e  # LM head
-    for kv, q, m in _layers(subnet):
-        flops += 2 * seq_len * _layer_matmul_params(d, e, kv, q, m)
+    for ea, em, kv, q, m in _layers(subnet):
+        flops += 2 * seq_len * _layer_matmul_params(d, ea, em, kv, q, m)
         flops += 2 * 2 * seq_len * seq_len * kv * q * d.head_dim  # scores and weighted values
     return flops
 

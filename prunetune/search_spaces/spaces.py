@@ -22,6 +22,10 @@ Shared conventions of all presets:
   the first k. MLP neurons and embedding channels come in multiples of `neuron_step` and
   `embed_step` (the dense width is always allowed), which keeps matrix shapes friendly
   to GPU kernels.
+- Per-block channels (`disp`): instead of one embedding width, every layer's attention
+  and MLP read and write their own number of residual channels (`attn_channels_i`,
+  `mlp_channels_i`); which channels is each block's own importance order, chosen where
+  the sub-network is built (`prunetune.evaluators.surgery.layer_channels`).
 - Weight sparsity (optional, any preset, `sparsity=SparsityGrid(...)`): a level of the
   grid for the kept layers' linear weights. `layers` and `uniform` have one level for
   every kept layer (parameter `sparsity`), as they have one width; `per_layer` has one
@@ -46,7 +50,7 @@ import numpy as np
 
 from prunetune.search_spaces.dims import ModelDims
 from prunetune.search_spaces.subnet import (
-    SPARSITY_METHODS, Sparsity, SubnetConfig, level_error, parse_pattern,
+    SPARSITY_METHODS, Channels, Sparsity, SubnetConfig, level_error, parse_pattern,
 )
 
 _PREFERRED_STEP = 64
@@ -510,7 +514,15 @@ class PerLayerSpace(SearchSpace):
         )
 
     def _encode_widths(self, subnet: SubnetConfig) -> dict[str, Any]:
-        encoded: dict[str, Any] = {"embed": self._grid_value("embed", subnet.embed, "embed")}
+        if subnet.channels is not None:
+            raise self._error("cannot encode per-block channels: this space has one embedding "
+                              "width")
+        return {"embed": self._grid_value("embed", subnet.embed, "embed"),
+                **self._encode_layers(subnet)}
+
+    def _encode_layers(self, subnet: SubnetConfig) -> dict[str, Any]:
+        """The head and neuron parameters of every layer (dense for the dropped ones)."""
+        encoded: dict[str, Any] = {}
         for i in range(self.dims.num_layers):
             encoded[f"heads_{i}"] = self._head_total
             encoded[f"mlp_{i}"] = self.dims.intermediate_size
@@ -522,10 +534,57 @@ class PerLayerSpace(SearchSpace):
         return encoded
 
 
+class DispSpace(PerLayerSpace):
+    """Depth, and per layer its heads, its neurons, and the residual channels its attention
+    and its MLP each read and write (DISP-LLM, Gao et al. 2024); the residual stream and
+    the embeddings keep their full width.
+
+    Parameters: `depth`, and for every layer index i `heads_i`, `mlp_i`, `attn_channels_i`
+    and `mlp_channels_i` (channel counts are multiples of embed_step from min_ratio of the
+    hidden size, and the hidden size; `sparsity_i` with a sparsity grid). Which channels a
+    sub-layer keeps is its own, by its calibration activations (see
+    `prunetune.search_spaces.subnet.Channels`).
+    """
+
+    name = "disp"
+
+    def _build_choices(self) -> dict[str, list[Any]]:
+        choices = super()._build_choices()
+        channels = choices.pop("embed")
+        for i in range(self.dims.num_layers):
+            choices[f"attn_channels_{i}"] = channels
+            choices[f"mlp_channels_{i}"] = channels
+        return choices
+
+    def _subnet(self, values: dict[str, Any]) -> SubnetConfig:
+        hidden = self.dims.hidden_size
+        subnet = super()._subnet({**values, "embed": hidden})
+        channels = Channels.unless_full([values[f"attn_channels_{i}"] for i in subnet.layers],
+                                        [values[f"mlp_channels_{i}"] for i in subnet.layers],
+                                        hidden)
+        return replace(subnet, channels=channels)
+
+    def _encode_widths(self, subnet: SubnetConfig) -> dict[str, Any]:
+        hidden = self.dims.hidden_size
+        if subnet.embed != hidden:
+            raise self._error(f"cannot encode embed = {subnet.embed}: this space keeps the "
+                              f"residual stream whole ({hidden}) and prunes each block's "
+                              "channels instead")
+        encoded = self._encode_layers(subnet)
+        for i in range(self.dims.num_layers):
+            encoded[f"attn_channels_{i}"] = encoded[f"mlp_channels_{i}"] = hidden
+        for i, (layer, (attn, mlp)) in enumerate(zip(subnet.layers, subnet.sublayer_channels())):
+            for name, value, field in ((f"attn_channels_{layer}", attn, f"channels.attn[{i}]"),
+                                       (f"mlp_channels_{layer}", mlp, f"channels.mlp[{i}]")):
+                encoded[name] = self._grid_value(name, value, field)
+        return encoded
+
+
 SPACES: dict[str, type[SearchSpace]] = {
     LayersSpace.name: LayersSpace,
     UniformSpace.name: UniformSpace,
     PerLayerSpace.name: PerLayerSpace,
+    DispSpace.name: DispSpace,
 }
 
 

@@ -12,12 +12,12 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from prunetune.search_spaces.dims import ModelDims
 
 _FIELDS = ("layers", "kv_heads", "q_per_kv", "mlp", "embed")
-_OPTIONAL_FIELDS = ("sparsity",)
+_OPTIONAL_FIELDS = ("sparsity", "channels")
 
 SPARSITY_METHODS = ("magnitude", "wanda")
 """How a weight's score is computed: |W| (magnitude), or |W| times the L2 norm of its
@@ -108,6 +108,49 @@ class Sparsity:
 
 
 @dataclass(frozen=True)
+class Channels:
+    """Per-block residual channels (DISP-LLM, Gao et al. 2024): per kept layer, how many
+    channels of the full-width residual stream its attention reads and writes (`attn`)
+    and its MLP reads and writes (`mlp`).
+
+    A sub-layer reads the kept channels of its normalised input (the RMSNorm still runs
+    over the whole stream) and adds its output back into as many channels; which ones is
+    each block's own choice, by its calibration activations
+    (`prunetune.evaluators.importance.InputNorms.block_channels`), not a global order.
+    """
+
+    attn: tuple[int, ...]
+    mlp: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("attn", "mlp"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+
+    @classmethod
+    def unless_full(cls, attn: Sequence[int], mlp: Sequence[int], hidden: int) -> "Channels | None":
+        """The channels, or None when every sub-layer keeps all `hidden` (nothing removed)."""
+        if all(c == hidden for c in (*attn, *mlp)):
+            return None
+        return cls(tuple(attn), tuple(mlp))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attn": list(self.attn), "mlp": list(self.mlp)}
+
+    def validate(self, kept_layers: int, hidden: int) -> "Channels":
+        """Raise ValueError naming the field if these are not channels of `kept_layers`
+        layers of a `hidden`-wide residual stream."""
+        for name in ("attn", "mlp"):
+            values = getattr(self, name)
+            if len(values) != kept_layers:
+                raise ValueError(f"channels.{name}: needs one entry per kept layer "
+                                 f"({kept_layers}), got {len(values)}")
+            for i, v in enumerate(values):
+                if not 1 <= v <= hidden:
+                    raise ValueError(f"channels.{name}[{i}] = {v}: must be in [1, {hidden}]")
+        return self
+
+
+@dataclass(frozen=True)
 class SubnetConfig:
     """A sub-network of a decoder: kept layers and the width of every kept part.
 
@@ -116,7 +159,10 @@ class SubnetConfig:
     New optional fields (such as per-block embedding widths) are left out of the JSON
     while unset, so the JSON and hash of today's configs never change. `sparsity` is
     such a field: None, or the weight sparsity of the kept layers; a sparsity whose levels
-    are all 0 is stored as None, since it removes nothing.
+    are all 0 is stored as None, since it removes nothing. `channels` is another: None, or
+    the residual channels each kept layer's attention and MLP read and write (`Channels`;
+    the residual stream and embeddings keep their full width, so `embed` is then the
+    hidden size).
     """
 
     layers: tuple[int, ...]
@@ -125,6 +171,7 @@ class SubnetConfig:
     mlp: tuple[int, ...]
     embed: int
     sparsity: Sparsity | None = None
+    channels: Channels | None = None
 
     def __post_init__(self) -> None:
         for name in ("layers", "kv_heads", "q_per_kv", "mlp"):
@@ -136,6 +183,8 @@ class SubnetConfig:
         if sparsity is not None and not any(sparsity.levels):
             sparsity = None
         object.__setattr__(self, "sparsity", sparsity)
+        if isinstance(self.channels, dict):
+            object.__setattr__(self, "channels", Channels(**self.channels))
 
     @classmethod
     def dense(cls, model_config: Any) -> "SubnetConfig":
@@ -156,14 +205,25 @@ class SubnetConfig:
 
     @property
     def is_uniform(self) -> bool:
-        """True when every kept layer has the same widths (a plain HF config fits it)."""
-        return all(len(set(v)) <= 1 for v in (self.kv_heads, self.q_per_kv, self.mlp))
+        """True when every kept layer has the same widths (a plain HF config fits it);
+        never with per-block channels, whose modules carry channel indices."""
+        return self.channels is None and all(len(set(v)) <= 1 for v in
+                                             (self.kv_heads, self.q_per_kv, self.mlp))
+
+    def sublayer_channels(self) -> tuple[tuple[int, int], ...]:
+        """Per kept layer, the residual channels its attention and its MLP read and write:
+        `embed` for both, or the layer's own `channels`."""
+        if self.channels is None:
+            return ((self.embed, self.embed),) * self.num_layers
+        return tuple(zip(self.channels.attn, self.channels.mlp))
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: list(v) if isinstance(v, tuple) else v
                for name, v in ((f, getattr(self, f)) for f in _FIELDS)}
         if self.sparsity is not None:
             out["sparsity"] = self.sparsity.to_dict()
+        if self.channels is not None:
+            out["channels"] = self.channels.to_dict()
         return out
 
     def to_json(self) -> str:
@@ -215,5 +275,10 @@ class SubnetConfig:
             raise ValueError(f"embed = {self.embed}: must be in [1, {d.hidden_size}]")
         if self.sparsity is not None:
             self.sparsity.validate(n)
+        if self.channels is not None:
+            if self.embed != d.hidden_size:
+                raise ValueError(f"embed = {self.embed}: with per-block channels the residual "
+                                 f"stream keeps its full width ({d.hidden_size})")
+            self.channels.validate(n, d.hidden_size)
         return self
 

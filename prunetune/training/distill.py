@@ -212,6 +212,11 @@ def check_inputs(teacher: nn.Module | TeacherTopK, student: nn.Module, windows: 
         raise ValueError(f"lora_rank = {settings.lora_rank}: a student with weight sparsity "
                          "trains without LoRA (merged adapters would fill its zeros); set "
                          "lora_rank: 0")
+    if settings.lora_rank and student_has_block_channels(student):
+        raise ValueError(f"lora_rank = {settings.lora_rank}: a student with per-block "
+                         "channels trains without LoRA (its writers scatter into the "
+                         "residual stream, which an adapter's output does not); set "
+                         "lora_rank: 0")
     vocab = (teacher.config.vocab_size, student.config.vocab_size)
     if vocab[0] != vocab[1]:
         raise ValueError(f"teacher and student have other vocabularies: vocab_size "
@@ -279,6 +284,12 @@ def student_sparsity_levels(student: nn.Module) -> tuple[float, ...]:
     """The sparsity level of each layer of an extracted student (empty when dense)."""
     subnet = getattr(student, "prunetune_subnet", None)
     return subnet.sparsity.levels if subnet is not None and subnet.sparsity else ()
+
+
+def student_has_block_channels(student: nn.Module) -> bool:
+    """Whether an extracted student's blocks read and write their own residual channels."""
+    subnet = getattr(student, "prunetune_subnet", None)
+    return subnet is not None and subnet.channels is not None
 
 
 def hold_sparsity(student: nn.Module) -> None:

@@ -89,8 +89,8 @@ def supernet_step(model: nn.Module, plan: StepPlan, ids: torch.Tensor, top_k: in
     learns the text (when `plan.learns_text`), every distilled one its top-`top_k`
     distribution. Each loss is a mean per predicted token and goes to `backward` at once
     (one sub-network's activations at a time); returns their sum, detached. The caller
-    steps the optimizer. `input_norms` are the Wanda norms of a space with Wanda
-    sparsity."""
+    steps the optimizer. `input_norms` are the calibration norms of a space with Wanda
+    sparsity or per-block channels."""
     device = model_device(model)
     predicted = ids[:, 1:].numel()
     total = torch.zeros((), device=device)
