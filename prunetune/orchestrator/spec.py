@@ -181,6 +181,20 @@ class SearchSpaceSpec(_Section):
         }
 
 
+class SurrogateSpec(_Section):
+    """The surrogate that picks, among `candidates` proposals per trial, the one predicted
+    to improve the front most (`orchestrator/surrogate.py`); `candidates: 1` is none.
+
+    It predicts once the log holds `min_rows` sub-networks, each objective that needs an
+    evaluation by a Gaussian process over the search parameters, optimistic by `optimism`
+    standard deviations.
+    """
+
+    candidates: int = Field(16, ge=1)
+    min_rows: int = Field(4, ge=2)
+    optimism: float = Field(0.0, ge=0)
+
+
 class AlgorithmSpec(_Section):
     """Which search algorithm proposes sub-networks, and how many.
 
@@ -194,6 +208,7 @@ class AlgorithmSpec(_Section):
     seed: int = 0
     population_size: int = Field(16, ge=2)
     warm_start: list[str] = []
+    surrogate: SurrogateSpec = SurrogateSpec()
 
 
 class LatencySpec(_Section):
