@@ -11,8 +11,10 @@ What is predicted: each objective that depends on the weights (perplexity, as it
 the loss; latency; accuracy) by a Gaussian process of scikit-learn over the search
 parameters, each scaled to its grid position in [0, 1]; the cost objectives (parameters,
 FLOPs, ...) are exact, from the model config. Optimistic means the predicted mean less
-`optimism` standard deviations, so a proposal in a region the log has not seen is not
-skipped for a guess. The training rows are the log's one-shot rows, each sub-network's
+`optimism` standard deviations (a proposal in a region the log has not seen then gets the
+benefit of the doubt); the default is 0, the mean, which found the front fastest in the
+replayed searches of benchmarks/README.md. A constraint on an objective (`perplexity <=
+1000`) bounds the hypervolume, so a proposal predicted to break it is hopeless too. The training rows are the log's one-shot rows, each sub-network's
 row of the most windows, a multi-fidelity screen's loss scaled to full fidelity as the
 algorithm is told it (`fidelity.full_estimate`): the screens of dropped proposals are the
 cheap evidence of where the hopeless sub-networks are.
@@ -30,16 +32,15 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from prunetune.metrics import COST_METRICS, MEMORY_METRIC
-from prunetune.orchestrator.fidelity import Fidelity, full_estimate, reference
-from prunetune.orchestrator.pareto import hypervolume, objective_matrix
+from prunetune.metrics import COST_METRICS
+from prunetune.orchestrator.fidelity import Fidelity, Reference, full_estimate, reference
+from prunetune.orchestrator.pareto import hypervolume
 from prunetune.orchestrator.results import ONESHOT
 from prunetune.orchestrator.spec import Constraint, Spec
 from prunetune.search_spaces.cost import subnet_cost
 from prunetune.search_spaces.spaces import SearchSpace
 from prunetune.search_spaces.subnet import SubnetConfig
 
-EXACT_METRICS = (*COST_METRICS, MEMORY_METRIC)
 Costs = Callable[[SubnetConfig], Mapping[str, float]]
 
 
@@ -62,10 +63,15 @@ def training_rows(rows: pd.DataFrame, fidelity: Fidelity | None,
     windows = ok["fidelity"].fillna(fidelity.windows)
     best = ok.assign(_windows=windows).sort_values("_windows", kind="stable")
     best = best.drop_duplicates("config_hash", keep="last").drop(columns="_windows")
-    rungs = {rung: reference(rows, rung, objectives) for rung in fidelity.rungs}
-    scaled = [full_estimate(row, rungs[fidelity.windows_of(row)])
-              if fidelity.windows_of(row) < fidelity.windows else row
-              for row in best.to_dict("records")]
+    references: dict[int, Reference] = {}
+    scaled = []
+    for row in best.to_dict("records"):
+        rung = fidelity.windows_of(row)
+        if rung < fidelity.windows:
+            if rung not in references:
+                references[rung] = reference(rows, rung, objectives)
+            row = full_estimate(row, references[rung])
+        scaled.append(row)
     return pd.DataFrame(scaled, columns=best.columns)
 
 
@@ -95,6 +101,7 @@ class Surrogate:
         self.fidelity = fidelity
         self.limits = dict(limits or {})
         self._fit_key: int | None = None
+        self._ready = False
         self._models: dict[str, Any] = {}
         self._front = np.zeros((0, len(objectives)))
         self._low = np.zeros(len(objectives))
@@ -103,14 +110,17 @@ class Surrogate:
     def __getstate__(self) -> dict[str, Any]:
         """The settings only: a restored surrogate refits from the log."""
         state = dict(self.__dict__)
-        state.update(_fit_key=None, _models={})
+        state.update(_fit_key=None, _ready=False, _models={})
         return state
 
     def fit(self, rows: pd.DataFrame) -> bool:
         """Fit on the log's rows (again only if it has new ones); whether there were enough."""
-        if self._fit_key == len(rows):
-            return bool(self._models) or not self._predicted()
-        self._fit_key = len(rows)
+        if self._fit_key != len(rows):
+            self._fit_key = len(rows)
+            self._ready = self._refit(rows)
+        return self._ready
+
+    def _refit(self, rows: pd.DataFrame) -> bool:
         self._models = {}
         train = training_rows(rows, self.fidelity, self.objectives)
         if not set(self.objectives) <= set(train.columns):
@@ -131,7 +141,7 @@ class Surrogate:
 
     def _predicted(self) -> list[str]:
         """The objectives that are not known before evaluation."""
-        return [n for n in self.objectives if n not in EXACT_METRICS]
+        return [n for n in self.objectives if n not in COST_METRICS]
 
     def optimistic(self, subnets: list[SubnetConfig]) -> np.ndarray:
         """Each sub-network's objectives (minimised, normalised by the log's range): exact
