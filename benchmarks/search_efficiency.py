@@ -13,7 +13,9 @@ for 256 random sub-networks of the `per_layer` space. This script
    `fidelity.evaluate_in_rungs` into a real result log, with the table standing in for the
    evaluator. Every sub-network the space holds is in the table, so a proposal is looked
    up, never approximated. One evaluator, trials one after another; the dense model is
-   evaluated first (32 windows) and counted, as `prunetune search` does.
+   evaluated first (32 windows) and counted, as `prunetune search` does. With
+   `--surrogate 16` a method is also run with the real `Surrogate` (spec defaults),
+   choosing one of 16 proposals per trial; `--max-perplexity` tells it that constraint.
 
 Cost is counted in window-evaluations (one window of 512 tokens through a sub-network,
 whatever its size). Quality is the hypervolume of the full-fidelity front in (mean loss,
@@ -21,11 +23,13 @@ parameters / dense) against the reference point (ln 1000, 1): the region of sub-
 no larger than the dense model with a perplexity under 1,000, 40 times the dense model's;
 it is reported as a fraction of the hypervolume of the table's own front.
 
-    python benchmarks/search_efficiency.py [--seeds 5] [--budget 2080] [--rungs 2] [--margin 0.02]
-                                           [--algorithms random nsga2 ...] [--jobs 2]
+    python benchmarks/search_efficiency.py [--seeds 5] [--first-seed 0] [--budget 2080] [--rungs 2]
+                                           [--margin 0.02] [--algorithms random nsga2 ...]
+                                           [--surrogate 1 16] [--max-perplexity 1000] [--jobs 2]
 
-Prints Markdown tables; writes search_efficiency-rungs<R>-margin<M>.json (every trace) and
-.png to --out (default benchmarks/results/).
+Prints Markdown tables; writes search_efficiency-rungs<R>-margin<M>[-surrogate..][-maxppl..]
+[-seeds..].json (every trace) and .png to --out (default benchmarks/results/). One BLAS
+thread per search (`OMP_NUM_THREADS=1`) keeps the surrogate's fits from fighting.
 """
 
 from __future__ import annotations
@@ -236,7 +240,8 @@ def replay_search(table: Table, algorithm: str, rungs: tuple[int, ...], margin: 
             trace.append((replay.spent, replay.hypervolume(), replay.calls))
             trial += 1
     return {"algorithm": algorithm, "rungs": list(rungs), "margin": margin, "seed": seed,
-            "surrogate": candidates, "limits": limits, "trials": trial, "skipped": searcher.skipped, "evaluator_calls": replay.calls, "trace": trace,
+            "surrogate": candidates, "limits": limits, "trials": trial,
+            "skipped": searcher.skipped, "evaluator_calls": replay.calls, "trace": trace,
             "seconds": time.perf_counter() - started}
 
 
@@ -350,6 +355,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--table", type=Path, default=TABLE)
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed, first-seed + 1, ... (other seeds check a setting "
+                        "chosen on the default ones)")
     p.add_argument("--budget", type=int, default=65 * 32,
                    help="window-evaluations per search (default: the dense model and 64 "
                         "full evaluations)")
@@ -375,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = ([] if BASELINE in methods else [BASELINE]) + methods
     limits = {} if args.max_perplexity is None else {"perplexity": args.max_perplexity}
     jobs = [(table, algorithm, rungs, args.margin, seed, args.budget, candidates, limits)
-            for algorithm, rungs, candidates in methods for seed in range(args.seeds)]
+            for algorithm, rungs, candidates in methods
+            for seed in range(args.first_seed, args.first_seed + args.seeds)]
     started = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         runs = pool.starmap(replay_search, jobs)
@@ -388,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         name += f"-surrogate{'-'.join(map(str, args.surrogate))}"
     if args.max_perplexity is not None:
         name += f"-maxppl{args.max_perplexity:g}"
+    if args.first_seed:
+        name += f"-seeds{args.first_seed}-{args.first_seed + args.seeds - 1}"
     args.out.mkdir(parents=True, exist_ok=True)
     plot(runs, args.budget, best, target, args.out / f"{name}.png")
     (args.out / f"{name}.json").write_text(json.dumps({

@@ -188,14 +188,15 @@ class SurrogateSpec(_Section):
     It predicts once the log holds `min_rows` sub-networks, each objective that needs an
     evaluation by a Gaussian process over the search parameters, optimistic by `optimism`
     standard deviations. On by default: in the searches replayed on SmolLM2-135M
-    (benchmarks/README.md) TPE with it reaches random search's full-budget hypervolume in
-    800 window-evaluations of 2,080 instead of 1,344, and with multi-fidelity too in 746
-    instead of 864; told the constraint `perplexity <= 1000` that bounds that hypervolume,
-    in 518 (25%). These defaults (16, 4, 0) were the best of the few tried there.
+    (benchmarks/README.md) TPE with multi-fidelity and the surrogate reaches random
+    search's full-budget hypervolume in 680 window-evaluations of 2,080 (33%; 864
+    without it; on 5 other seeds 842 against 1,296), 484 when told the constraint
+    `perplexity <= 1000` that bounds that hypervolume. These defaults (16, 3, 0) were the
+    best of the few tried there.
     """
 
     candidates: int = Field(16, ge=1)
-    min_rows: int = Field(4, ge=2)
+    min_rows: int = Field(3, ge=2)
     optimism: float = Field(0.0, ge=0)
 
 
@@ -205,7 +206,7 @@ class AlgorithmSpec(_Section):
     TPE is the default: in searches replayed on SmolLM2-135M (benchmarks/README.md), with
     multi-fidelity evaluation it reaches the hypervolume of random search's whole budget in
     42% of that budget's window-evaluations, the fewest of the six (65% without); the
-    surrogate (on by default) brings that to 36% (38% without multi-fidelity).
+    surrogate (on by default) brings that to 33% (40% on other seeds).
     """
 
     name: Literal["random", "nsga2", "nsga3", "tpe", "gp", "local"] = "tpe"
