@@ -14,7 +14,7 @@ from ray.tune.search import Searcher
 from prunetune.orchestrator.algorithms import GuardedSearcher, make_algorithm
 from prunetune.orchestrator.fidelity import Fidelity
 from prunetune.orchestrator.results import ResultLog, make_row
-from prunetune.orchestrator.spec import Constraint, Spec
+from prunetune.orchestrator.spec import Constraint, Spec, SpecError, load_spec
 from prunetune.orchestrator.surrogate import Surrogate, objective_limits, spec_surrogate
 from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.spaces import make_space
@@ -116,6 +116,13 @@ def test_the_spec_turns_the_surrogate_on_and_off() -> None:
     assert s.candidates == 6 and s.limits == {"perplexity": 200.0}
     assert s.costs(SPACE.decode({"depth": 15, "ratio": 0.5}))["params"] == costs(
         SPACE.decode({"depth": 15, "ratio": 0.5}))["params"]
+
+
+def test_a_bad_surrogate_field_is_named() -> None:
+    with pytest.raises(SpecError, match="algorithm.surrogate.candidates"):
+        load_spec({"algorithm": {"surrogate": {"candidates": 0}}})
+    with pytest.raises(SpecError, match="algorithm.surrogate.optimism"):
+        load_spec({"algorithm": {"surrogate": {"optimism": -1}}})
 
 
 class Scripted(Searcher):

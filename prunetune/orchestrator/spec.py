@@ -498,7 +498,7 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> Spec:
 
 DEFAULT_SEARCH: dict[str, Any] = {
     "constraints": ["params >= 0.65 * dense"],
-    "algorithm": {"name": "random", "num_samples": 20},
+    "algorithm": {"name": "random", "num_samples": 20, "surrogate": {"candidates": 1}},
 }
 """What `prunetune search` without a spec sets beyond the field defaults.
 
@@ -508,8 +508,9 @@ the built-in search looks above that; 20 of those larger sub-networks take less 
 than the 40 mostly small ones it drew without the bound (241 s against 290 s from an
 empty cache, on the same 2 busy CPU cores). A spec file starts from the field defaults
 alone, which bound nothing: the constraint would silently narrow every search that names
-none. It proposes at random, as when those figures were measured: with 20 proposals and a
-population of 16, a model-based proposer would be random for all but 4 of them.
+none. It proposes at random without the surrogate, as when those figures were measured:
+with 20 proposals and a population of 16, a model-based proposer would be random for all
+but 4 of them.
 """
 
 
