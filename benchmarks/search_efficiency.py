@@ -13,7 +13,9 @@ for 256 random sub-networks of the `per_layer` space. This script
    `fidelity.evaluate_in_rungs` into a real result log, with the table standing in for the
    evaluator. Every sub-network the space holds is in the table, so a proposal is looked
    up, never approximated. One evaluator, trials one after another; the dense model is
-   evaluated first (32 windows) and counted, as `prunetune search` does.
+   evaluated first (32 windows) and counted, as `prunetune search` does. With
+   `--surrogate 16` a method is also run with the real `Surrogate` (spec defaults),
+   choosing one of 16 proposals per trial; `--max-perplexity` tells it that constraint.
 
 Cost is counted in window-evaluations (one window of 512 tokens through a sub-network,
 whatever its size). Quality is the hypervolume of the full-fidelity front in (mean loss,
@@ -21,11 +23,13 @@ parameters / dense) against the reference point (ln 1000, 1): the region of sub-
 no larger than the dense model with a perplexity under 1,000, 40 times the dense model's;
 it is reported as a fraction of the hypervolume of the table's own front.
 
-    python benchmarks/search_efficiency.py [--seeds 5] [--budget 2080] [--rungs 2] [--margin 0.02]
-                                           [--algorithms random nsga2 ...] [--jobs 2]
+    python benchmarks/search_efficiency.py [--seeds 5] [--first-seed 0] [--budget 2080] [--rungs 2]
+                                           [--margin 0.02] [--algorithms random nsga2 ...]
+                                           [--surrogate 1 16] [--max-perplexity 1000] [--jobs 2]
 
-Prints Markdown tables; writes search_efficiency-rungs<R>-margin<M>.json (every trace) and
-.png to --out (default benchmarks/results/).
+Prints Markdown tables; writes search_efficiency-rungs<R>-margin<M>[-surrogate..][-maxppl..]
+[-seeds..].json (every trace) and .png to --out (default benchmarks/results/). One BLAS
+thread per search (`OMP_NUM_THREADS=1`) keeps the surrogate's fits from fighting.
 """
 
 from __future__ import annotations
@@ -50,8 +54,11 @@ from ray.tune.search import Searcher
 from scipy.stats import kendalltau, spearmanr
 
 from prunetune.orchestrator.algorithms import ALGORITHMS, GuardedSearcher, make_algorithm
+from prunetune.orchestrator.spec import SurrogateSpec
 from prunetune.orchestrator.fidelity import Fidelity, Reference, Span, evaluate_in_rungs, reference
 from prunetune.orchestrator.results import DENSE_TRIAL, ResultLog, make_row
+from prunetune.orchestrator.surrogate import Surrogate
+from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.spaces import SearchSpace, make_space
 from prunetune.search_spaces.subnet import SubnetConfig
 
@@ -62,6 +69,8 @@ REFERENCE_PERPLEXITY = 1000.0
 POPULATION = 16
 CORRELATION_WINDOWS = (1, 2, 4, 8, 16)
 MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1)
+BASELINE = ("random", (), 1)
+SURROGATE = SurrogateSpec()
 
 
 @dataclass
@@ -202,9 +211,11 @@ def best_hypervolume(table: Table) -> float:
 
 
 def replay_search(table: Table, algorithm: str, rungs: tuple[int, ...], margin: float, seed: int,
-                  budget: int) -> dict[str, Any]:
+                  budget: int, candidates: int = 1, limits: dict[str, float] | None = None) -> dict[str, Any]:
     """One search until `budget` window-evaluations: its trace of (windows spent,
-    hypervolume, evaluator calls) after each trial."""
+    hypervolume, evaluator calls) after each trial. `candidates` > 1: the surrogate picks
+    one of that many proposals per trial (`algorithm.surrogate` at its spec defaults),
+    told the objectives' `limits` (what a constraint such as `perplexity <= 1000` gives it)."""
     started = time.perf_counter()
     space = make_space("uniform", table.model_config, layer_order=table.layer_order)
     fidelity = Fidelity(table.windows, rungs, margin)
@@ -213,8 +224,11 @@ def replay_search(table: Table, algorithm: str, rungs: tuple[int, ...], margin: 
         replay.evaluate(replay.dense, DENSE_TRIAL, always_promote=True)
         proposer = make_algorithm(algorithm, space, OBJECTIVES, seed, POPULATION,
                                   [space.encode(replay.dense)])
+        surrogate = None if candidates == 1 else Surrogate(
+            space, OBJECTIVES, lambda subnet: {"params": count_params(table.model_config, subnet)},
+            candidates, SURROGATE.min_rows, SURROGATE.optimism, fidelity, limits)
         searcher = GuardedSearcher(proposer, space, OBJECTIVES, run_dir, lambda subnet: True,
-                                   len(replay.table_losses), fidelity)
+                                   len(replay.table_losses), fidelity, surrogate)
         trace = [(replay.spent, replay.hypervolume(), replay.calls)]
         trial = 0
         while replay.spent < budget:
@@ -226,7 +240,8 @@ def replay_search(table: Table, algorithm: str, rungs: tuple[int, ...], margin: 
             trace.append((replay.spent, replay.hypervolume(), replay.calls))
             trial += 1
     return {"algorithm": algorithm, "rungs": list(rungs), "margin": margin, "seed": seed,
-            "trials": trial, "evaluator_calls": replay.calls, "trace": trace,
+            "surrogate": candidates, "limits": limits, "trials": trial,
+            "skipped": searcher.skipped, "evaluator_calls": replay.calls, "trace": trace,
             "seconds": time.perf_counter() - started}
 
 
@@ -249,24 +264,30 @@ def reaching(trace: list[list[float]], target: float) -> tuple[float, float] | N
     return next(((s, calls) for s, hv, calls in trace if hv >= target - 1e-12), None)
 
 
+def by_method(runs: list[dict[str, Any]]) -> dict[tuple[str, tuple[int, ...], int], list[dict[str, Any]]]:
+    """The runs of each method: (algorithm, rungs, surrogate candidates)."""
+    methods: dict[tuple[str, tuple[int, ...], int], list[dict[str, Any]]] = {}
+    for run in runs:
+        methods.setdefault((run["algorithm"], tuple(run["rungs"]), run["surrogate"]), []).append(run)
+    return methods
+
+
 def summarise(table: Table, runs: list[dict[str, Any]], budget: int,
               best: float) -> list[dict[str, Any]]:
     """Per method: hypervolume at a third of the budget and at the budget (mean over seeds,
     as a fraction of the space's), the windows it needs to reach random search's
     full-budget hypervolume and what they took on the table's GPU, extraction per
     evaluator call included (medians)."""
-    methods: dict[tuple[str, tuple[int, ...]], list[dict[str, Any]]] = {}
-    for run in runs:
-        methods.setdefault((run["algorithm"], tuple(run["rungs"])), []).append(run)
-    baseline = methods[("random", ())]
-    target = float(np.mean([hypervolume_at(r["trace"], budget) for r in baseline]))
+    methods = by_method(runs)
+    target = float(np.mean([hypervolume_at(r["trace"], budget) for r in methods[BASELINE]]))
     out = []
-    for (algorithm, rungs), group in methods.items():
+    for (algorithm, rungs, candidates), group in methods.items():
         reach = [reaching(r["trace"], target) for r in group]
         spent = [math.inf if x is None else x[0] for x in reach]
         seconds = [math.inf if x is None else device_seconds(table, x[1], x[0]) for x in reach]
         out.append({
-            "algorithm": algorithm, "rungs": list(rungs), "seeds": len(group),
+            "algorithm": algorithm, "rungs": list(rungs), "surrogate": candidates,
+            "seeds": len(group),
             "hv_third": float(np.mean([hypervolume_at(r["trace"], budget / 3) for r in group])) / best,
             "hv_budget": float(np.mean([hypervolume_at(r["trace"], budget) for r in group])) / best,
             "hv_budget_std": float(np.std([hypervolume_at(r["trace"], budget) for r in group])) / best,
@@ -280,8 +301,9 @@ def summarise(table: Table, runs: list[dict[str, Any]], budget: int,
 
 # --- output -----------------------------------------------------------------------------------
 
-def method_name(algorithm: str, rungs: list[int]) -> str:
-    return f"{algorithm} + multi-fidelity {rungs}" if rungs else algorithm
+def method_name(algorithm: str, rungs: list[int], candidates: int) -> str:
+    parts = [algorithm] + ([f"multi-fidelity {rungs}"] if rungs else [])
+    return " + ".join(parts + ([f"surrogate of {candidates}"] if candidates > 1 else []))
 
 
 def plot(runs: list[dict[str, Any]], budget: int, best: float, target: float, path: Path) -> None:
@@ -292,13 +314,10 @@ def plot(runs: list[dict[str, Any]], budget: int, best: float, target: float, pa
     grid = np.linspace(0, budget, 200)
     colours = dict(zip(ALGORITHMS, ("tab:grey", "tab:blue", "tab:cyan", "tab:green", "tab:purple",
                                     "tab:orange")))
-    methods: dict[tuple[str, tuple[int, ...]], list[dict[str, Any]]] = {}
-    for run in runs:
-        methods.setdefault((run["algorithm"], tuple(run["rungs"])), []).append(run)
-    for (algorithm, rungs), group in methods.items():
+    for (algorithm, rungs, candidates), group in by_method(runs).items():
         curve = np.mean([[hypervolume_at(r["trace"], s) for s in grid] for r in group], 0) / best
         ax.plot(grid, curve, c=colours[algorithm], ls="-" if rungs else "--",
-                label=method_name(algorithm, list(rungs)))
+                lw=2.5 if candidates > 1 else 1.0, label=method_name(algorithm, list(rungs), candidates))
     ax.axhline(target / best, c="k", lw=0.8, ls=":", label="random, full budget")
     ax.axvline(budget / 3, c="k", lw=0.8, ls="-.", label="a third of the budget")
     ax.set_xlabel("window-evaluations (32 per full evaluation)")
@@ -325,7 +344,7 @@ def markdown(summary: list[dict[str, Any]], correlations: list[dict[str, Any]],
         never = math.isinf(m["windows_to_target"])
         reach = "not reached" if never else f"{m['windows_to_target']:.0f}"
         seconds = "" if never else f"{m['device_seconds_to_target']:.1f}"
-        lines.append(f"| {method_name(m['algorithm'], m['rungs'])} | {m['hv_third']:.4f} | "
+        lines.append(f"| {method_name(m['algorithm'], m['rungs'], m['surrogate'])} | {m['hv_third']:.4f} | "
                      f"{m['hv_budget']:.4f} ± {m['hv_budget_std']:.4f} | {reach} | {seconds} | "
                      f"{m['reached']}/{m['seeds']} | {m['trials']:.0f} |")
     return "\n".join(lines)
@@ -336,12 +355,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--table", type=Path, default=TABLE)
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed, first-seed + 1, ... (other seeds check a setting "
+                        "chosen on the default ones)")
     p.add_argument("--budget", type=int, default=65 * 32,
                    help="window-evaluations per search (default: the dense model and 64 "
                         "full evaluations)")
     p.add_argument("--rungs", type=lambda s: tuple(int(x) for x in s.split(",")), default=(2,),
                    help="the multi-fidelity rungs compared with single fidelity, e.g. 2 or 1,4")
     p.add_argument("--margin", type=float, default=0.02)
+    p.add_argument("--surrogate", type=int, nargs="+", default=[1],
+                   help="proposals the surrogate chooses among per trial; 1: no surrogate "
+                        "(e.g. 1 8 compares without and with)")
+    p.add_argument("--max-perplexity", type=float,
+                   help="tell the surrogate the constraint perplexity <= this (the others "
+                        "cannot use it: in the replay it only bounds the surrogate's hypervolume)")
     p.add_argument("--jobs", type=int, default=2, help="searches replayed in parallel")
     p.add_argument("--out", type=Path, default=HERE / "results")
     return p.parse_args(argv)
@@ -351,17 +379,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     table = load_table(args.table)
     correlations, rule = rank_correlations(table), rule_with_every_row_known(table)
-    jobs = [(table, algorithm, rungs, args.margin, seed, args.budget)
-            for algorithm in args.algorithms for rungs in ((), args.rungs)
-            for seed in range(args.seeds)]
+    methods = [(a, r, c) for a in args.algorithms for r in ((), args.rungs) for c in args.surrogate]
+    methods = ([] if BASELINE in methods else [BASELINE]) + methods
+    limits = {} if args.max_perplexity is None else {"perplexity": args.max_perplexity}
+    jobs = [(table, algorithm, rungs, args.margin, seed, args.budget, candidates, limits)
+            for algorithm, rungs, candidates in methods
+            for seed in range(args.first_seed, args.first_seed + args.seeds)]
     started = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         runs = pool.starmap(replay_search, jobs)
     best = best_hypervolume(table)
     summary = summarise(table, runs, args.budget, best)
     target = float(np.mean([hypervolume_at(r["trace"], args.budget) for r in runs
-                            if r["algorithm"] == "random" and not r["rungs"]]))
+                            if (r["algorithm"], tuple(r["rungs"]), r["surrogate"]) == BASELINE]))
     name = f"search_efficiency-rungs{'-'.join(map(str, args.rungs))}-margin{args.margin:g}"
+    if args.surrogate != [1]:
+        name += f"-surrogate{'-'.join(map(str, args.surrogate))}"
+    if args.max_perplexity is not None:
+        name += f"-maxppl{args.max_perplexity:g}"
+    if args.first_seed:
+        name += f"-seeds{args.first_seed}-{args.first_seed + args.seeds - 1}"
     args.out.mkdir(parents=True, exist_ok=True)
     plot(runs, args.budget, best, target, args.out / f"{name}.png")
     (args.out / f"{name}.json").write_text(json.dumps({

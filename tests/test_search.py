@@ -61,9 +61,11 @@ def test_search_logs_every_trial_once_and_writes_the_front(tmp_path, standin_env
 
 def test_multi_fidelity_screens_first_windows_and_scores_no_window_twice(tmp_path, standin_env) -> None:
     """Every proposal is scored on the first 2 of 8 windows; the promoted ones get the other
-    6 (never the first 2 again), the rest stop there; the front holds full rows only."""
+    6 (never the first 2 again), the rest stop there; the front holds full rows only. (No
+    surrogate: it would keep the proposals the rung drops from being made.)"""
     outcome = run_search(spec(tmp_path / "run", algorithm={"name": "local", "num_samples": 12,
-                                                           "population_size": 4},
+                                                           "population_size": 4,
+                                                           "surrogate": {"candidates": 1}},
                               evaluation={"windows": 8, "fidelity": {"rungs": [2], "margin": 0.0}},
                               resources={"evaluators": 1}),
                          StandInEvaluator, num_cpus=4)

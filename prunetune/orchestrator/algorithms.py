@@ -25,6 +25,7 @@ from ray.tune.search import Searcher
 
 from prunetune.orchestrator.fidelity import Fidelity, Reference, full_estimate, promote, reference
 from prunetune.orchestrator.results import DENSE_TRIAL, ResultLog
+from prunetune.orchestrator.surrogate import Surrogate
 from prunetune.search_spaces.spaces import SearchSpace
 from prunetune.search_spaces.subnet import SubnetConfig
 
@@ -187,13 +188,18 @@ class GuardedSearcher(Searcher):
     told to the algorithm with its loss scaled to full fidelity (`fidelity.full_estimate`),
     and a logged screen that the promotion rule passes is not a finished evaluation: it
     becomes a trial again, which scores only the windows it lacks.
+
+    With a `surrogate`, each trial draws several such proposals and evaluates the one the
+    surrogate predicts to improve the front most; the others are told as failed
+    (`surrogate.py`).
     """
 
     def __init__(self, algorithm: Searcher, space: SearchSpace, objectives: Mapping[str, str],
                  run_dir: str, feasible: Callable[[SubnetConfig], bool], budget: int,
-                 fidelity: Fidelity | None = None) -> None:
+                 fidelity: Fidelity | None = None, surrogate: Surrogate | None = None) -> None:
         super().__init__(metric=list(objectives), mode=list(objectives.values()))
         self.algorithm = algorithm
+        self.surrogate = surrogate
         self.space = space
         self.objectives = dict(objectives)
         self.fidelity = fidelity
@@ -203,7 +209,7 @@ class GuardedSearcher(Searcher):
         self.running: dict[str, tuple[str, str | None]] = {}
         self.references: dict[int, Reference] = {}
         self.asks = 0
-        self.skipped = {"known": 0, "running": 0, "infeasible": 0}
+        self.skipped = {"known": 0, "running": 0, "infeasible": 0, "surrogate": 0}
         self.log = ResultLog(run_dir)
         self.log.known()
 
@@ -219,22 +225,46 @@ class GuardedSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self.spent() >= self.budget:
             return Searcher.FINISHED
-        running_hashes = {h for h, _ in self.running.values()}
+        drawn, end = self._draw(self._candidates())
+        if not drawn:
+            return end
+        keep = self.surrogate.choose([s for _, _, s in drawn], self.log.read()) if self.surrogate else 0
+        for i, (_, inner_id, _) in enumerate(drawn):
+            if i != keep:
+                self.skipped["surrogate"] += 1
+                self._tell(inner_id, None)
+        config, inner_id, subnet = drawn[keep]
+        self.running[trial_id] = (subnet.config_hash(), inner_id)
+        return {**config, "subnet": subnet.to_json()}
+
+    def _candidates(self) -> int:
+        """Proposals to draw for one trial: the surrogate's number once it is fitted, else 1."""
+        surrogate = self.surrogate
+        return surrogate.candidates if surrogate and surrogate.fit(self.log.read()) else 1
+
+    def _draw(self, count: int) -> tuple[list[tuple[dict[str, Any], str, SubnetConfig]], Any]:
+        """Up to `count` new, feasible, distinct proposals (config, the algorithm's id,
+        sub-network), and what ended the drawing early (None: the algorithm has nothing now;
+        FINISHED: it is done, or it proposed nothing new `MAX_PROPOSALS` times)."""
+        taken = {h for h, _ in self.running.values()}
+        drawn: list[tuple[dict[str, Any], str, SubnetConfig]] = []
         for _ in range(MAX_PROPOSALS):
             config, inner_id = self._propose()
             if config is None or config == Searcher.FINISHED:
-                return config
+                return drawn, config
             subnet = self.space.decode(config)
             digest = subnet.config_hash()
             stored = self.log.lookup(digest, refresh=False)
             if stored is not None and self._unfinished_promotion(stored):
                 stored = None
-            if stored is not None or digest in running_hashes or not self.feasible(subnet):
-                self._refuse(inner_id, stored, digest in running_hashes)
+            if stored is not None or digest in taken or not self.feasible(subnet):
+                self._refuse(inner_id, stored, digest in taken)
                 continue
-            self.running[trial_id] = (digest, inner_id)
-            return {**config, "subnet": subnet.to_json()}
-        return Searcher.FINISHED
+            taken.add(digest)
+            drawn.append((config, inner_id, subnet))
+            if len(drawn) == count:
+                break
+        return drawn, Searcher.FINISHED
 
     def _propose(self) -> tuple[dict[str, Any] | None, str]:
         self.asks += 1

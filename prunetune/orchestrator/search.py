@@ -23,6 +23,7 @@ from prunetune.orchestrator.algorithms import GuardedSearcher, make_algorithm
 from prunetune.orchestrator.callbacks import FrontCallback, write_front_files
 from prunetune.orchestrator.console import say
 from prunetune.orchestrator.fidelity import Fidelity
+from prunetune.orchestrator.surrogate import spec_surrogate
 from prunetune.orchestrator.pool import HEAD, NAMESPACE, evaluator_class_for, start_pool
 from prunetune.orchestrator.results import DENSE_TRIAL
 from prunetune.orchestrator.run_record import (
@@ -181,8 +182,10 @@ def _new_tuner(spec: Spec, space: SearchSpace, objectives: dict[str, str], run_d
     feasible = Feasibility(spec.parsed_constraints(), model_config,
                            {k: v for k, v in dense.items() if isinstance(v, (int, float))},
                            spec.evaluation.seq_len, 2)
+    fidelity = spec_fidelity(spec)
     searcher = GuardedSearcher(algorithm, space, objectives, run_dir, feasible,
-                               spec.algorithm.num_samples, spec_fidelity(spec))
+                               spec.algorithm.num_samples, fidelity,
+                               spec_surrogate(spec, space, model_config, dense, fidelity))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=spec.algorithm.num_samples,
