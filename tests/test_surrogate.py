@@ -4,6 +4,7 @@ one, resumes from the log after a kill, and never hands out a config twice."""
 from __future__ import annotations
 
 import math
+import pickle
 from datetime import datetime, timezone
 from typing import Any
 
@@ -197,3 +198,13 @@ def test_with_a_surrogate_concurrent_trials_differ_and_a_resume_refits_without_r
     later = [restored.suggest(f"r{i}")["subnet"] for i in range(6)]
     assert len(set(later)) == 6 and not set(later) & running_at_checkpoint
     assert not {SubnetConfig.from_json(c).config_hash() for c in later} & logged
+
+
+def test_a_searcher_saved_before_surrogates_existed_resumes_without_one(tmp_path) -> None:
+    """A pickled searcher from before the `surrogate` field (no such attribute) still
+    suggests after it is unpickled, as Tune does on a resume."""
+    searcher = GuardedSearcher(make_algorithm("tpe", SPACE, OBJECTIVES, seed=0, population_size=4),
+                               SPACE, OBJECTIVES, str(tmp_path), _always, budget=200)
+    del searcher.__dict__["surrogate"]
+    old = pickle.loads(pickle.dumps(searcher))
+    assert old.surrogate is None and old.suggest("t0")["subnet"]

@@ -194,6 +194,9 @@ class GuardedSearcher(Searcher):
     (`surrogate.py`).
     """
 
+    surrogate: Surrogate | None = None
+    """Class default: a searcher saved before surrogates existed is restored without one."""
+
     def __init__(self, algorithm: Searcher, space: SearchSpace, objectives: Mapping[str, str],
                  run_dir: str, feasible: Callable[[SubnetConfig], bool], budget: int,
                  fidelity: Fidelity | None = None, surrogate: Surrogate | None = None) -> None:
