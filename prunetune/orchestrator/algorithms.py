@@ -217,9 +217,32 @@ class GuardedSearcher(Searcher):
         return len(logged | {h for h, _ in self.running.values()})
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if self.spent() >= self.budget:
+        batch = self.suggest_batch([trial_id])
+        return batch[0] if isinstance(batch, list) else batch
+
+    def suggest_batch(self, trial_ids: list[str]) -> list[dict[str, Any]] | str | None:
+        """New, feasible configs for several ids at once (the sub-networks of one batched
+        Tune trial, `batches.py`): as many as the budget and the algorithm give, up to one
+        per id; FINISHED (or the algorithm's None) when there is none. The budget is
+        counted once per batch, not once per proposal."""
+        room = self.budget - self.spent()
+        if room <= 0:
             return Searcher.FINISHED
         running_hashes = {h for h, _ in self.running.values()}
+        batch: list[dict[str, Any]] = []
+        for trial_id in trial_ids[:room]:
+            config = self._new_config(running_hashes)
+            if not isinstance(config, tuple):
+                return batch or config
+            config, digest, inner_id = config
+            running_hashes.add(digest)
+            self.running[trial_id] = (digest, inner_id)
+            batch.append(config)
+        return batch
+
+    def _new_config(self, running_hashes: set[str]) -> tuple[dict[str, Any], str, str] | str | None:
+        """The algorithm's next new, feasible proposal (with its hash and inner id); what
+        it answers instead when it has none."""
         for _ in range(MAX_PROPOSALS):
             config, inner_id = self._propose()
             if config is None or config == Searcher.FINISHED:
@@ -232,8 +255,7 @@ class GuardedSearcher(Searcher):
             if stored is not None or digest in running_hashes or not self.feasible(subnet):
                 self._refuse(inner_id, stored, digest in running_hashes)
                 continue
-            self.running[trial_id] = (digest, inner_id)
-            return {**config, "subnet": subnet.to_json()}
+            return {**config, "subnet": subnet.to_json()}, digest, inner_id
         return Searcher.FINISHED
 
     def _propose(self) -> tuple[dict[str, Any] | None, str]:
