@@ -119,7 +119,8 @@ class MemoryWatch:
                 self.peak[key] = max(self.peak[key], value)
 
 
-def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str | None) -> dict[str, Any]:
+def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str | None,
+            algorithm: str = "random") -> dict[str, Any]:
     """One search: `rounds` evaluations per evaluator of `seconds` each; its figures."""
     FixedTimeEvaluator.seconds = seconds
     trials = evaluators * rounds
@@ -128,7 +129,7 @@ def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str
         resources["subnets_per_trial"] = subnets_per_trial if subnets_per_trial == "auto" else int(subnets_per_trial)
     with tempfile.TemporaryDirectory() as run_dir:
         spec = load_spec({"run_dir": run_dir, "search_space": {"preset": "per_layer"},
-                          "algorithm": {"name": "random", "num_samples": trials},
+                          "algorithm": {"name": algorithm, "num_samples": trials},
                           "resources": resources})
         start = time.perf_counter()
         with MemoryWatch() as memory:
@@ -143,7 +144,7 @@ def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str
     span = (done["finished_at"].max() - done["started_at"].min()).total_seconds()
     capacity = span * evaluators
     evaluating = len(done) * seconds
-    return {"evaluators": evaluators, "seconds": seconds, "evaluations": len(done),
+    return {"evaluators": evaluators, "seconds": seconds, "evaluations": len(done), "algorithm": algorithm,
             "subnets_per_trial": subnets_per_trial or "default", "span_s": span,
             "command_s": total, "parts": parts,
             "utilisation": evaluating / capacity if seconds else None,
@@ -265,6 +266,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, nargs="+", default=[2.0])
     parser.add_argument("--rounds", type=int, default=10, help="evaluations per evaluator")
     parser.add_argument("--subnets-per-trial", default=None)
+    parser.add_argument("--algorithm", default="random",
+                        help="random (Optuna's sampler, as before) or local (no Optuna)")
     parser.add_argument("--label", default="after")
     parser.add_argument("--out", help="JSON file of the results")
     parser.add_argument("--parts", type=int, nargs="+", metavar="ROWS",
@@ -288,7 +291,8 @@ def main() -> None:
     runs = []
     for seconds in args.seconds:
         for evaluators in args.evaluators:
-            runs.append(measure(evaluators, seconds, args.rounds, args.subnets_per_trial))
+            runs.append(measure(evaluators, seconds, args.rounds, args.subnets_per_trial,
+                                args.algorithm))
             print(table(runs[-1:]).splitlines()[-1], flush=True)
     result = {"label": args.label, "code": code_version(),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
