@@ -14,10 +14,10 @@ from standin import SMOLLM2_CONFIG
 OBJECTIVES = {"perplexity": "min", "params": "min"}
 
 
-def test_one_subnet_per_trial_up_to_8_evaluators_then_about_9_trials_alive() -> None:
-    assert [subnets_per_trial(e) for e in (1, 8, 9, 32, 128, 512)] == [1, 1, 2, 4, 16, 64]
+def test_one_subnet_per_trial_up_to_4_evaluators_then_5_trials_alive() -> None:
+    assert [subnets_per_trial(e) for e in (1, 4, 5, 8, 32, 128, 512)] == [1, 1, 2, 2, 8, 32, 128]
     assert subnets_per_trial(512, 3) == 3
-    assert [concurrent_trials(e, subnets_per_trial(e)) for e in (2, 8, 32, 128, 512)] == [3, 9, 9, 9, 9]
+    assert [concurrent_trials(e, subnets_per_trial(e)) for e in (2, 8, 32, 128, 512)] == [3, 5, 5, 5, 5]
 
 
 def feasible(subnet: SubnetConfig) -> bool:

@@ -25,9 +25,11 @@ from ray.tune.search import Searcher
 
 from prunetune.orchestrator.algorithms import GuardedSearcher
 
-TRIALS_ALIVE = 8
+TRIALS_ALIVE = 4
 """Trials alive at once (besides the spare) once the evaluators outnumber them: each
-trial carries evaluators / TRIALS_ALIVE sub-networks."""
+trial carries evaluators / TRIALS_ALIVE sub-networks. With one sub-network per trial, a
+loaded 2-core head turned around about 2 trials a second and 4 evaluators of 1 s were
+busy 54% of the time; with 4 per trial, 99% (benchmarks/README.md)."""
 
 
 def subnets_per_trial(evaluators: int, setting: int | str = "auto") -> int:

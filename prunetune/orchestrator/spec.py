@@ -286,7 +286,7 @@ class ResourcesSpec(_Section):
     GPUs) or `zero3` (1 or more GPUs, optionally offloading weights to host memory).
     `gpus_per_evaluator: auto` lets the planner size groups from the model and GPU memory.
     `subnets_per_trial` is how many sub-networks one Tune trial evaluates (in parallel,
-    `batches.py`); `auto` is one per trial up to 8 evaluators, then evaluators / 8.
+    `batches.py`); `auto` is evaluators / 4 (one up to 4 evaluators).
     """
 
     evaluators: int = Field(1, ge=1)
