@@ -5,7 +5,9 @@ the SmolLM2 config with stand-in evaluators whose evaluation takes a fixed time 
 model is not the point), on a local Ray instance: `--rounds` evaluations per evaluator.
 Prints a table and writes JSON (`--out`): the share of evaluator time spent evaluating
 between the first evaluation's start and the last one's end, the overhead per evaluation,
-the evaluations per second, and the memory (peak resident set) of the driver, the pool
+the evaluations per second, the idle gap of an evaluator between two evaluations (and
+the share busy it implies once every evaluator has started, without the start and the
+end of the search: `steady`), and the memory (peak resident set) of the driver, the pool
 and the trial processes, with the trial processes counted.
 
     python benchmarks/orchestration.py --evaluators 8 32 128 512 --seconds 2 20 --out after.json
@@ -142,6 +144,7 @@ def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str
     ray.shutdown()
     done = rows[rows["trial_id"] != DENSE_TRIAL]
     span = (done["finished_at"].max() - done["started_at"].min()).total_seconds()
+    gaps = idle_gaps(done)
     capacity = span * evaluators
     evaluating = len(done) * seconds
     return {"evaluators": evaluators, "seconds": seconds, "evaluations": len(done), "algorithm": algorithm,
@@ -150,6 +153,8 @@ def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str
             "utilisation": evaluating / capacity if seconds else None,
             "overhead_ms": (capacity - evaluating) / len(done) * 1e3,
             "evaluations_per_s": len(done) / span,
+            "gap_median_ms": float(gaps.median() * 1e3), "gap_p90_ms": float(gaps.quantile(0.9) * 1e3),
+            "steady_utilisation": seconds / (seconds + gaps.mean()) if seconds else None,
             "memory_mib": {**memory.peak,
                            "per_evaluator": {k: memory.peak[k] / evaluators
                                              for k in ("driver", "pool", "trials")}}}
@@ -209,6 +214,14 @@ def head_costs(logged: int) -> dict[str, float]:
             "front_rewrite_ms": front, "suggest_ms": single, "suggest_in_64_ms": batched}
 
 
+def idle_gaps(rows: Any) -> Any:
+    """Seconds each evaluator waited between one evaluation's end and its next one's start
+    (the start-up before an evaluator's first evaluation is not a gap)."""
+    rows = rows.assign(evaluator=rows["evaluator_id"].str.split("@").str[0]).sort_values("started_at")
+    previous_end = rows.groupby("evaluator")["finished_at"].shift()
+    return (rows["started_at"] - previous_end).dropna().dt.total_seconds()
+
+
 def code_version() -> str:
     """The commit of the prunetune package measured (with `+dirty` for local changes)."""
     import prunetune
@@ -223,13 +236,15 @@ def code_version() -> str:
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    lines = ["evaluators  s/eval  evals  per trial  busy     overhead/eval  evals/s  "
+    lines = ["evaluators  s/eval  evals  per trial  busy    steady  overhead/eval  idle gap p50/p90  evals/s  "
              "driver MiB  pool MiB  trials MiB (procs)"]
     for r in runs:
         busy = "-" if r["utilisation"] is None else f"{r['utilisation']:.1%}"
+        steady = "-" if r["steady_utilisation"] is None else f"{r['steady_utilisation']:.1%}"
         m = r["memory_mib"]
         lines.append(f"{r['evaluators']:>10}  {r['seconds']:>6.1f}  {r['evaluations']:>5}  "
-                     f"{str(r['subnets_per_trial']):>9}  {busy:>6}  {r['overhead_ms']:>10.0f} ms  "
+                     f"{str(r['subnets_per_trial']):>9}  {busy:>6}  {steady:>6}  {r['overhead_ms']:>10.0f} ms  "
+                     f"{r['gap_median_ms']:>7.0f}/{r['gap_p90_ms']:<6.0f} ms  "
                      f"{r['evaluations_per_s']:>7.1f}  {m['driver']:>10.0f}  {m['pool']:>8.0f}  "
                      f"{m['trials']:>10.0f} ({m['trial_processes']})")
     return "\n".join(lines)
