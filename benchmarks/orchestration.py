@@ -265,6 +265,7 @@ def plot(png: str, results: list[str]) -> None:
             ax.plot([r["evaluators"] for r in runs], [100 * r["utilisation"] for r in runs], marker="o",
                     label=f"{data['label']}, {seconds:g} s per evaluation ({data['machine']['cpus']} CPUs)")
     ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 100)
     ax.set_xlabel("evaluators")
     ax.set_ylabel("evaluator time spent evaluating (%)")
     ax.axhline(95, color="grey", lw=0.8, ls="--")
