@@ -59,6 +59,22 @@ def test_search_logs_every_trial_once_and_writes_the_front(tmp_path, standin_env
     assert (tmp_path / "run" / "front.png").stat().st_size > 10_000
 
 
+def test_batched_trials_evaluate_each_sub_network_once_under_its_own_id(tmp_path, standin_env) -> None:
+    """Trials of 3 sub-networks on 2 evaluators, a budget of 7: batches of 3, 3 and 1, every
+    sub-network logged once as `<trial>_<k>`, and the front written from them."""
+    outcome = run_search(spec(tmp_path / "run", algorithm={"num_samples": 7},
+                              resources={"subnets_per_trial": 3}), StandInEvaluator, num_cpus=4)
+    log = ResultLog(outcome.run_dir).read()
+    trials = log[log["trial_id"] != "dense"]
+    assert len(trials) == 7 and trials["config_hash"].is_unique
+    batches = Counter(trials["trial_id"].str.rsplit("_", n=1).str[0])
+    assert sorted(batches.values()) == [1, 3, 3]
+    calls = evaluated(standin_env)
+    assert len(calls) == len(set(calls)) == 8
+    front = pd.read_parquet(tmp_path / "run" / "front.parquet")
+    assert sorted(front["config_hash"]) == sorted(pareto_front(log, OBJECTIVES)["config_hash"])
+
+
 def test_multi_fidelity_screens_first_windows_and_scores_no_window_twice(tmp_path, standin_env) -> None:
     """Every proposal is scored on the first 2 of 8 windows; the promoted ones get the other
     6 (never the first 2 again), the rest stop there; the front holds full rows only."""

@@ -39,7 +39,7 @@ def _actor_node(actor: Any) -> str:
 
 @ray.remote(num_cpus=0)
 class EvaluatorPool:
-    """Lends the run's evaluators to trials, one trial per evaluator at a time.
+    """Lends the run's evaluators for one evaluation at a time, one evaluation per evaluator.
 
     Evaluators are spread over the nodes; a dead evaluator (its node was lost) is replaced
     by a new one on any node that has room.
