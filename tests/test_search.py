@@ -59,6 +59,22 @@ def test_search_logs_every_trial_once_and_writes_the_front(tmp_path, standin_env
     assert (tmp_path / "run" / "front.png").stat().st_size > 10_000
 
 
+def test_batched_trials_evaluate_each_sub_network_once_under_its_own_id(tmp_path, standin_env) -> None:
+    """Trials of 3 sub-networks on 2 evaluators, a budget of 7: batches of 3, 3 and 1, every
+    sub-network logged once as `<trial>_<k>`, and the front written from them."""
+    outcome = run_search(spec(tmp_path / "run", algorithm={"num_samples": 7},
+                              resources={"subnets_per_trial": 3}), StandInEvaluator, num_cpus=4)
+    log = ResultLog(outcome.run_dir).read()
+    trials = log[log["trial_id"] != "dense"]
+    assert len(trials) == 7 and trials["config_hash"].is_unique
+    batches = Counter(trials["trial_id"].str.rsplit("_", n=1).str[0])
+    assert sorted(batches.values()) == [1, 3, 3]
+    calls = evaluated(standin_env)
+    assert len(calls) == len(set(calls)) == 8
+    front = pd.read_parquet(tmp_path / "run" / "front.parquet")
+    assert sorted(front["config_hash"]) == sorted(pareto_front(log, OBJECTIVES)["config_hash"])
+
+
 def test_multi_fidelity_screens_first_windows_and_scores_no_window_twice(tmp_path, standin_env) -> None:
     """Every proposal is scored on the first 2 of 8 windows; the promoted ones get the other
     6 (never the first 2 again), the rest stop there; the front holds full rows only. (No
@@ -161,6 +177,41 @@ def test_kill_9_of_the_driver_then_resume_loses_and_repeats_nothing(tmp_path, st
     assert len(trials) == 14 and rows["config_hash"].is_unique
     calls = evaluated(standin_env)
     assert len(calls) == len(set(calls)) == 15, Counter(calls).most_common(3)
+
+
+def partial_batches(run_dir: Path, batch: int) -> list[str]:
+    """Trials of which the log holds some sub-networks but not all `batch` of them."""
+    rows = ResultLog(str(run_dir)).read()
+    members = rows.loc[rows["trial_id"] != "dense", "trial_id"].str.rsplit("_", n=1).str[0]
+    return [trial for trial, count in Counter(members).items() if count < batch]
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_of_a_batch_then_resume_loses_and_repeats_nothing(tmp_path, standin_env) -> None:
+    """Trials of 4 sub-networks on 2 evaluators: the driver is killed once a trial has
+    logged some of its sub-networks but not all; the resumed search evaluates the rest of
+    that batch and every other proposal once."""
+    run_dir = tmp_path / "run"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec(run_dir, algorithm={"num_samples": 16},
+                              resources={"subnets_per_trial": 4}).to_yaml())
+    env = {**os.environ, "PRUNETUNE_STANDIN_SECONDS": "1"}
+    process = driver("search", spec_file, env)
+    deadline = time.time() + 240
+    while not partial_batches(run_dir, 4) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert partial_batches(run_dir, 4), "no batch was half done when the driver was killed"
+    assert len(ResultLog(str(run_dir)).read()) < 17
+
+    resumed = driver("resume", run_dir, env)
+    assert resumed.wait(timeout=300) == 0
+    rows = ResultLog(str(run_dir)).read()
+    trials = rows[rows["trial_id"] != "dense"]
+    assert len(trials) == 16 and rows["config_hash"].is_unique
+    calls = evaluated(standin_env)
+    assert len(calls) == len(set(calls)) == 17, Counter(calls).most_common(3)
 
 
 def test_resume_names_a_directory_that_is_not_a_run(tmp_path) -> None:

@@ -226,8 +226,29 @@ class GuardedSearcher(Searcher):
         return len(logged | {h for h, _ in self.running.values()})
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if self.spent() >= self.budget:
+        batch = self.suggest_batch([trial_id])
+        return batch[0] if isinstance(batch, list) else batch
+
+    def suggest_batch(self, trial_ids: list[str]) -> list[dict[str, Any]] | str | None:
+        """New, feasible configs for several ids at once (the sub-networks of one batched
+        Tune trial, `batches.py`): as many as the budget and the algorithm give, up to one
+        per id; FINISHED (or the algorithm's None) when there is none. The budget is
+        counted once per batch, not once per proposal."""
+        room = self.budget - self.spent()
+        if room <= 0:
             return Searcher.FINISHED
+        batch: list[dict[str, Any]] = []
+        for trial_id in trial_ids[:room]:
+            config = self._chosen(trial_id)
+            if not isinstance(config, dict):
+                return batch or config
+            batch.append(config)
+        return batch
+
+    def _chosen(self, trial_id: str) -> dict[str, Any] | str | None:
+        """The config of `trial_id`: of the proposals drawn for it, the one the surrogate
+        keeps (the others told to the algorithm as failed); what ended the drawing when
+        nothing new was drawn."""
         drawn, end = self._draw(self._candidates())
         if not drawn:
             return end

@@ -1,9 +1,15 @@
-"""The evaluator pool: the run's evaluators, lent to trials one at a time, and the result log.
+"""The evaluator pool: the run's evaluators, lent for one evaluation at a time, and the result log.
 
 Evaluators (Ray actors that hold the model, or sharded groups) are created once per run;
-the pool lends a free one to a trial, replaces one that died or broke, and appends every
-finished trial's row to the result log, which is also the cache that makes every
-configuration evaluated once.
+the pool lends a free one for an evaluation, replaces one that died or broke, and appends
+every finished evaluation's row to the result log, which is also the cache that makes
+every configuration evaluated once.
+
+The pool is one asynchronous actor, and nothing in it waits on the disk: the rows that
+arrive while a Parquet part is being written (in a thread) go together into the next part
+(group commit), and each `record` returns once its row is in a part. So lending evaluators
+costs a few microseconds per call, and the log grows by one part per write, not per row,
+however many evaluators finish at once.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ def _actor_node(actor: Any) -> str:
 
 @ray.remote(num_cpus=0)
 class EvaluatorPool:
-    """Lends the run's evaluators to trials, one trial per evaluator at a time.
+    """Lends the run's evaluators for one evaluation at a time, one evaluation per evaluator.
 
     Evaluators are spread over the nodes; a dead evaluator (its node was lost) is replaced
     by a new one on any node that has room.
@@ -52,6 +58,8 @@ class EvaluatorPool:
         for i in range(count):
             self.free.put_nowait(i)
         self.replaced = 0
+        self.unwritten: list[tuple[dict[str, Any], asyncio.Future]] = []
+        self.writing = False
 
     def _start(self, index: int) -> Any:
         actor = ray.remote(self.evaluator_class).options(max_restarts=0,
@@ -91,9 +99,32 @@ class EvaluatorPool:
         knows them all without listing the folder again."""
         return self.log.lookup(config_hash, refresh=False)
 
-    def record(self, row: dict[str, Any]) -> None:
-        """Append a finished trial's row to the log (atomically)."""
-        self.log.append([row])
+    async def record(self, row: dict[str, Any]) -> None:
+        """Append a finished evaluation's row to the log; returns once it is written (with
+        the rows that arrived while the part before it was written)."""
+        written = asyncio.get_running_loop().create_future()
+        self.unwritten.append((row, written))
+        if not self.writing:
+            self.writing = True
+            asyncio.get_running_loop().create_task(self._write_unwritten())
+        await written
+
+    async def _write_unwritten(self) -> None:
+        """Write the waiting rows as one part, again until none wait; each waiter learns
+        whether its part was written."""
+        try:
+            while self.unwritten:
+                rows, self.unwritten = self.unwritten, []
+                try:
+                    await asyncio.to_thread(self.log.append, [row for row, _ in rows])
+                except Exception as error:
+                    for _, written in rows:
+                        written.set_exception(error)
+                else:
+                    for _, written in rows:
+                        written.set_result(None)
+        finally:
+            self.writing = False
 
     def reference(self, rung: int, objectives: dict[str, str]) -> Reference:
         """What a multi-fidelity trial compares its rung row with: the full-fidelity rows
@@ -121,11 +152,19 @@ def evaluator_resources(spec: Spec) -> dict[str, Any]:
             "num_gpus": 0 if r.sharding != "none" else r.gpus_per_evaluator}
 
 
+def pool_concurrency(evaluators: int) -> int:
+    """Calls the pool serves at once: every evaluator's borrower and its row, the spare
+    trial's waiting borrowers, and room to spare (Ray's default of 1000 would stall
+    the borrowers of more than about 400 evaluators)."""
+    return max(1000, 4 * evaluators)
+
+
 def start_pool(spec: Spec, run_id: str, run_dir: str,
                evaluator_class: type) -> tuple[Any, str, list[dict[str, Any]]]:
     """Create the run's evaluators (they load the model now) and wait until they are ready."""
     pool_name = f"prunetune-pool-{run_id}-{os.getpid()}"
-    pool = EvaluatorPool.options(name=pool_name, namespace=NAMESPACE, resources=HEAD).remote(
+    pool = EvaluatorPool.options(name=pool_name, namespace=NAMESPACE, resources=HEAD,
+                                 max_concurrency=pool_concurrency(spec.resources.evaluators)).remote(
         evaluator_class, spec.evaluator_settings(), spec.resources.evaluators,
         evaluator_resources(spec), run_dir)
     infos = ray.get(pool.infos.remote())

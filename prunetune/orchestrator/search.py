@@ -1,8 +1,8 @@
 """The search: a Ray Tune experiment whose trials hand sub-networks to resident evaluators.
 
 `run_search` connects to Ray, starts the evaluator pool (`pool.py`), evaluates the dense
-model, and runs a Tuner whose searcher (`algorithms.py`) proposes sub-networks and whose
-trials (`trial.py`) evaluate them; the front callback (`callbacks.py`) keeps the front
+model, and runs a Tuner whose searcher (`algorithms.py`, in batches: `batches.py`)
+proposes sub-networks and whose trials (`trial.py`) evaluate them; the front callback (`callbacks.py`) keeps the front
 files current, and the run record (`run_record.py`) keeps what a resume needs.
 """
 
@@ -20,6 +20,7 @@ from ray import tune
 
 from prunetune.cluster.connect import code_runtime_env, connect, storage_uri
 from prunetune.orchestrator.algorithms import GuardedSearcher, make_algorithm
+from prunetune.orchestrator.batches import BatchSearcher, concurrent_trials, subnets_per_trial
 from prunetune.orchestrator.callbacks import FrontCallback, write_front_files
 from prunetune.orchestrator.console import say
 from prunetune.orchestrator.fidelity import Fidelity
@@ -183,13 +184,16 @@ def _new_tuner(spec: Spec, space: SearchSpace, objectives: dict[str, str], run_d
                            {k: v for k, v in dense.items() if isinstance(v, (int, float))},
                            spec.evaluation.seq_len, 2)
     fidelity = spec_fidelity(spec)
-    searcher = GuardedSearcher(algorithm, space, objectives, run_dir, feasible,
-                               spec.algorithm.num_samples, fidelity,
-                               spec_surrogate(spec, space, model_config, dense, fidelity))
+    guard = GuardedSearcher(algorithm, space, objectives, run_dir, feasible,
+                            spec.algorithm.num_samples, fidelity,
+                            spec_surrogate(spec, space, model_config, dense, fidelity))
+    r = spec.resources
+    batch = subnets_per_trial(r.evaluators, r.subnets_per_trial)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=spec.algorithm.num_samples,
-                                    max_concurrent_trials=spec.resources.evaluators,
+        tune_config=tune.TuneConfig(search_alg=BatchSearcher(guard, batch),
+                                    num_samples=spec.algorithm.num_samples,
+                                    max_concurrent_trials=concurrent_trials(r.evaluators, batch),
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=TUNE_NAME, storage_path=storage_uri(run_dir), callbacks=[callback], verbose=0,

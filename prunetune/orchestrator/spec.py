@@ -306,9 +306,12 @@ class ResourcesSpec(_Section):
     several GPUs per group need DeepSpeed sharding: `autotp` (tensor parallel, 2 or more
     GPUs) or `zero3` (1 or more GPUs, optionally offloading weights to host memory).
     `gpus_per_evaluator: auto` lets the planner size groups from the model and GPU memory.
+    `subnets_per_trial` is how many sub-networks one Tune trial evaluates (in parallel,
+    `batches.py`); `auto` is evaluators / 4 (one up to 4 evaluators).
     """
 
     evaluators: int = Field(1, ge=1)
+    subnets_per_trial: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     gpus_per_evaluator: Annotated[int | Literal["auto"], PlainValidator(_check_gpus)] = 0
     cpus_per_evaluator: float = Field(1.0, gt=0)
     sharding: Literal["none", "zero3", "autotp"] = "none"

@@ -1,14 +1,19 @@
-"""A trial: one sub-network, one evaluation on a borrowed evaluator, one row in the log.
+"""A trial: a batch of sub-networks (`batches.py`), each evaluated on a borrowed evaluator
+and logged as a row, then reported together.
 
-A trial is a light CPU task. It writes its row to the result log before it reports to
-Tune: that is what makes a stop at any moment safe. A trial that finished is in the log,
-and a trial that is run again after a resume finds its row there and reports it without
-evaluating again. With multi-fidelity evaluation a trial has a row per stage (the first
-windows, then all of them if it is promoted); a trial run again goes on from its last.
+A trial is a light CPU task. It evaluates its sub-networks in parallel, each on an
+evaluator the pool lends it for that one evaluation, and writes each row to the result log
+as soon as it is measured, before the trial reports to Tune: that is what makes a stop at
+any moment safe. Every finished evaluation is in the log, and a trial that is run again
+after a resume (or after losing an evaluator with its node) finds the rows of its batch
+there and evaluates only the rest. With multi-fidelity evaluation a sub-network has a row
+per stage (the first windows, then all of them if it is promoted); run again, it goes on
+from its last.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -17,6 +22,7 @@ import ray
 from ray import tune
 
 from prunetune.evaluators.contract import EvaluatorBroken
+from prunetune.orchestrator.batches import member_id
 from prunetune.orchestrator.fidelity import Fidelity, Reference, Span, evaluate_in_rungs
 from prunetune.orchestrator.results import FIXED_COLUMNS, make_row
 from prunetune.orchestrator.spec import Constraint
@@ -118,18 +124,30 @@ class EvaluatorHost:
 
 
 def evaluate_subnet(context: TrialContext, subnet: SubnetConfig, trial_id: str,
-                    always_promote: bool = False) -> dict[str, Any]:
+                    always_promote: bool = False, pool: Any = None) -> dict[str, Any]:
     """Evaluate one sub-network, rung by rung (`fidelity.evaluate_in_rungs`), appending a
     row to the log at every stage; its last row. A sub-network the log already holds in
-    full is not evaluated again; one it holds at a rung goes on from there."""
-    pool = ray.get_actor(context.pool_name, namespace=context.namespace)
+    full is not evaluated again; one it holds at a rung goes on from there. `pool` is the
+    pool's handle (looked up by name when None)."""
+    pool = pool or ray.get_actor(context.pool_name, namespace=context.namespace)
     stored = ray.get(pool.lookup.remote(subnet.config_hash()))
     host = EvaluatorHost(context, subnet, trial_id, pool)
     return evaluate_in_rungs(context.fidelity, context.objectives, host, stored, always_promote)
 
 
+def evaluate_batch(context: TrialContext, subnets: list[SubnetConfig], trial_id: str) -> list[dict[str, Any]]:
+    """The last rows of a batch's sub-networks, evaluated in parallel (each waits for an
+    evaluator in the pool). Every evaluation runs to its end and is logged before an error
+    of another (a lost evaluator) fails the trial, so a retry repeats only the lost ones."""
+    pool = ray.get_actor(context.pool_name, namespace=context.namespace)
+    with ThreadPoolExecutor(max_workers=len(subnets)) as threads:
+        futures = [threads.submit(evaluate_subnet, context, subnet, member_id(trial_id, k),
+                                  False, pool) for k, subnet in enumerate(subnets)]
+    return [future.result() for future in futures]
+
+
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """The Tune trainable: one sub-network, its evaluation, its rows."""
-    subnet = SubnetConfig.from_json(config["subnet"])
-    row = evaluate_subnet(context, subnet, tune.get_context().get_trial_id())
-    tune.report(_report_row(row))
+    """The Tune trainable: a batch of sub-networks, their evaluations, their rows."""
+    subnets = [SubnetConfig.from_json(text) for text in config["subnets"]]
+    rows = evaluate_batch(context, subnets, tune.get_context().get_trial_id())
+    tune.report({"rows": [_report_row(row) for row in rows]})
