@@ -122,8 +122,9 @@ class MemoryWatch:
 
 
 def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str | None,
-            algorithm: str = "random") -> dict[str, Any]:
-    """One search: `rounds` evaluations per evaluator of `seconds` each; its figures."""
+            algorithm: str = "random", surrogate: int | None = None) -> dict[str, Any]:
+    """One search: `rounds` evaluations per evaluator of `seconds` each; its figures.
+    `surrogate` sets `algorithm.surrogate.candidates` (None: the spec's default)."""
     FixedTimeEvaluator.seconds = seconds
     trials = evaluators * rounds
     resources: dict[str, Any] = {"evaluators": evaluators, "cpus_per_evaluator": 0.01}
@@ -131,7 +132,9 @@ def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str
         resources["subnets_per_trial"] = subnets_per_trial if subnets_per_trial == "auto" else int(subnets_per_trial)
     with tempfile.TemporaryDirectory() as run_dir:
         spec = load_spec({"run_dir": run_dir, "search_space": {"preset": "per_layer"},
-                          "algorithm": {"name": algorithm, "num_samples": trials},
+                          "algorithm": {"name": algorithm, "num_samples": trials,
+                                        **({"surrogate": {"candidates": surrogate}}
+                                           if surrogate is not None else {})},
                           "resources": resources})
         start = time.perf_counter()
         with MemoryWatch() as memory:
@@ -284,6 +287,8 @@ def main() -> None:
     parser.add_argument("--subnets-per-trial", default=None)
     parser.add_argument("--algorithm", default="random",
                         help="random (Optuna's sampler, as before) or local (no Optuna)")
+    parser.add_argument("--surrogate", type=int, default=None, metavar="K",
+                        help="algorithm.surrogate.candidates (1: off; default: the spec's)")
     parser.add_argument("--label", default="after")
     parser.add_argument("--out", help="JSON file of the results")
     parser.add_argument("--parts", type=int, nargs="+", metavar="ROWS",
@@ -308,7 +313,7 @@ def main() -> None:
     for seconds in args.seconds:
         for evaluators in args.evaluators:
             runs.append(measure(evaluators, seconds, args.rounds, args.subnets_per_trial,
-                                args.algorithm))
+                                args.algorithm, args.surrogate))
             print(table(runs[-1:]).splitlines()[-1], flush=True)
     result = {"label": args.label, "code": code_version(),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

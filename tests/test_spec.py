@@ -36,12 +36,10 @@ def test_defaults_run_a_small_cpu_search_on_smollm2(tmp_path):
     empty = load_spec(_write(tmp_path, ""))
     assert spec == empty.model_copy(update={
         "constraints": ["params >= 0.65 * dense"],
-        "algorithm": empty.algorithm.model_copy(update={
-            "num_samples": 20, "name": "random",
-            "surrogate": empty.algorithm.surrogate.model_copy(update={"candidates": 1})})})
+        "algorithm": empty.algorithm.model_copy(update={"num_samples": 20, "name": "random"})})
     assert empty.constraints == [] and empty.algorithm.num_samples == 40
     assert empty.algorithm.name == "tpe" and empty.evaluation.fidelity.rungs == []
-    assert empty.algorithm.surrogate.candidates == 16
+    assert empty.algorithm.surrogate.candidates == 1
     assert (spec.model, spec.dtype, spec.search_space.preset) == ("smollm2", "float32", "uniform")
     assert spec.objectives == {"perplexity": "min", "params": "min"}
     assert spec.metrics_needed() == ["perplexity", "params"]

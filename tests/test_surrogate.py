@@ -16,7 +16,9 @@ from prunetune.orchestrator.algorithms import GuardedSearcher, make_algorithm
 from prunetune.orchestrator.fidelity import Fidelity
 from prunetune.orchestrator.results import ResultLog, make_row
 from prunetune.orchestrator.spec import Constraint, Spec, SpecError, load_spec
-from prunetune.orchestrator.surrogate import Surrogate, objective_limits, spec_surrogate
+from prunetune.orchestrator.surrogate import (
+    Surrogate, objective_limits, refit_due, spec_surrogate,
+)
 from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.spaces import make_space
 from prunetune.search_spaces.subnet import SubnetConfig
@@ -208,3 +210,11 @@ def test_a_searcher_saved_before_surrogates_existed_resumes_without_one(tmp_path
     del searcher.__dict__["surrogate"]
     old = pickle.loads(pickle.dumps(searcher))
     assert old.surrogate is None and old.suggest("t0")["subnet"]
+
+
+@pytest.mark.parametrize(("fitted", "rows", "due"), [
+    (None, 5, True), (5, 5, False), (5, 6, True),              # small logs: every new row
+    (256, 257, False), (256, 282, True), (300, 330, True),     # large: after 10% growth
+])
+def test_a_large_log_is_fitted_again_only_after_it_has_grown(fitted, rows, due) -> None:
+    assert refit_due(fitted, rows) is due

@@ -21,6 +21,7 @@ import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import pandas as pd
 from ray.tune.search import Searcher
 
 from prunetune.orchestrator.fidelity import Fidelity, Reference, full_estimate, promote, reference
@@ -237,22 +238,23 @@ class GuardedSearcher(Searcher):
         room = self.budget - self.spent()
         if room <= 0:
             return Searcher.FINISHED
+        rows = self.log.read() if self.surrogate else None
         batch: list[dict[str, Any]] = []
         for trial_id in trial_ids[:room]:
-            config = self._chosen(trial_id)
+            config = self._chosen(trial_id, rows)
             if not isinstance(config, dict):
                 return batch or config
             batch.append(config)
         return batch
 
-    def _chosen(self, trial_id: str) -> dict[str, Any] | str | None:
+    def _chosen(self, trial_id: str, rows: pd.DataFrame | None) -> dict[str, Any] | str | None:
         """The config of `trial_id`: of the proposals drawn for it, the one the surrogate
-        keeps (the others told to the algorithm as failed); what ended the drawing when
-        nothing new was drawn."""
-        drawn, end = self._draw(self._candidates())
+        (fitted on the log's `rows`, read once per batch) keeps, the others told to the
+        algorithm as failed; what ended the drawing when nothing new was drawn."""
+        drawn, end = self._draw(self._candidates(rows))
         if not drawn:
             return end
-        keep = self.surrogate.choose([s for _, _, s in drawn], self.log.read()) if self.surrogate else 0
+        keep = self.surrogate.choose([s for _, _, s in drawn], rows) if self.surrogate else 0
         for i, (_, inner_id, _) in enumerate(drawn):
             if i != keep:
                 self.skipped["surrogate"] += 1
@@ -261,10 +263,11 @@ class GuardedSearcher(Searcher):
         self.running[trial_id] = (subnet.config_hash(), inner_id)
         return {**config, "subnet": subnet.to_json()}
 
-    def _candidates(self) -> int:
-        """Proposals to draw for one trial: the surrogate's number once it is fitted, else 1."""
+    def _candidates(self, rows: pd.DataFrame | None) -> int:
+        """Proposals to draw for one trial: the surrogate's number once it is fitted on the
+        log's `rows`, else 1."""
         surrogate = self.surrogate
-        return surrogate.candidates if surrogate and surrogate.fit(self.log.read()) else 1
+        return surrogate.candidates if surrogate and surrogate.fit(rows) else 1
 
     def _draw(self, count: int) -> tuple[list[tuple[dict[str, Any], str, SubnetConfig]], Any]:
         """Up to `count` new, feasible, distinct proposals (config, the algorithm's id,

@@ -187,15 +187,17 @@ class SurrogateSpec(_Section):
 
     It predicts once the log holds `min_rows` sub-networks, each objective that needs an
     evaluation by a Gaussian process over the search parameters, optimistic by `optimism`
-    standard deviations. On by default: in the searches replayed on SmolLM2-135M
-    (benchmarks/README.md) TPE with multi-fidelity and the surrogate reaches random
-    search's full-budget hypervolume in 680 window-evaluations of 2,080 (33%; 864
-    without it; on 5 other seeds 842 against 1,296), 484 when told the constraint
-    `perplexity <= 1000` that bounds that hypervolume. These defaults (16, 3, 0) were the
-    best of the few tried there.
+    standard deviations. Off by default: it runs on the driver for every proposal, and at
+    scale that is the bottleneck (128 stand-in evaluators of 2 s on a 64-core machine:
+    12% busy with it, 87% without; benchmarks/README.md). Where evaluations are slow and
+    evaluators few, `candidates: 16` pays: in the searches replayed on SmolLM2-135M TPE
+    with multi-fidelity and the surrogate reaches random search's full-budget hypervolume
+    in 680 window-evaluations of 2,080 (33%; 864 without it; on 5 other seeds 842
+    against 1,296), 484 when told the constraint `perplexity <= 1000` that bounds that
+    hypervolume. (16, 3, 0) were the best settings of the few tried there.
     """
 
-    candidates: int = Field(16, ge=1)
+    candidates: int = Field(1, ge=1)
     min_rows: int = Field(3, ge=2)
     optimism: float = Field(0.0, ge=0)
 
@@ -206,7 +208,8 @@ class AlgorithmSpec(_Section):
     TPE is the default: in searches replayed on SmolLM2-135M (benchmarks/README.md), with
     multi-fidelity evaluation it reaches the hypervolume of random search's whole budget in
     42% of that budget's window-evaluations, the fewest of the six (65% without); the
-    surrogate (on by default) brings that to 33% (40% on other seeds).
+    surrogate (`surrogate.candidates: 16`, off by default) brings that to 33% (40% on
+    other seeds).
     """
 
     name: Literal["random", "nsga2", "nsga3", "tpe", "gp", "local"] = "tpe"
@@ -515,7 +518,7 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> Spec:
 
 DEFAULT_SEARCH: dict[str, Any] = {
     "constraints": ["params >= 0.65 * dense"],
-    "algorithm": {"name": "random", "num_samples": 20, "surrogate": {"candidates": 1}},
+    "algorithm": {"name": "random", "num_samples": 20},
 }
 """What `prunetune search` without a spec sets beyond the field defaults.
 
@@ -525,9 +528,8 @@ the built-in search looks above that; 20 of those larger sub-networks take less 
 than the 40 mostly small ones it drew without the bound (241 s against 290 s from an
 empty cache, on the same 2 busy CPU cores). A spec file starts from the field defaults
 alone, which bound nothing: the constraint would silently narrow every search that names
-none. It proposes at random without the surrogate, as when those figures were measured:
-with 20 proposals and a population of 16, a model-based proposer would be random for all
-but 4 of them.
+none. It proposes at random, as when those figures were measured: with 20 proposals and
+a population of 16, a model-based proposer would be random for all but 4 of them.
 """
 
 

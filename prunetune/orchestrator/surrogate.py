@@ -114,8 +114,9 @@ class Surrogate:
         return state
 
     def fit(self, rows: pd.DataFrame) -> bool:
-        """Fit on the log's rows (again only if it has new ones); whether there were enough."""
-        if self._fit_key != len(rows):
+        """Fit on the log's rows, again only once it has grown enough (`refit_due`);
+        whether there were enough to fit on."""
+        if refit_due(self._fit_key, len(rows)):
             self._fit_key = len(rows)
             self._ready = self._refit(rows)
         return self._ready
@@ -194,6 +195,23 @@ class Surrogate:
         if len(subnets) < 2 or not self.fit(rows):
             return 0
         return int(np.argmax(self.scores(subnets)))
+
+
+SMALL_LOG = 256
+"""Logs up to this many rows are fitted again on every new row (a fit is milliseconds)."""
+REFIT_GROWTH = 1.1
+"""Larger logs are fitted again once they have grown by this factor: a Gaussian process
+fit costs the cube of the rows, and hundreds of evaluators add rows faster than it fits."""
+
+
+def refit_due(fitted_rows: int | None, rows: int) -> bool:
+    """Whether a surrogate fitted on `fitted_rows` rows (None: never) is fitted again on a
+    log of `rows`: on every new row while the log is small, then after each 10% growth."""
+    if fitted_rows is None:
+        return True
+    if rows <= SMALL_LOG:
+        return rows != fitted_rows
+    return rows >= REFIT_GROWTH * fitted_rows
 
 
 def spec_surrogate(spec: Spec, space: SearchSpace, model_config: Mapping[str, Any],
