@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -81,17 +82,19 @@ def test_two_gloo_workers_train_what_one_process_does(tmp_path: Path, zero_stage
     torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path,
-                                                              zero_stage: int) -> None:
+def killed_then_resumed(tmp_path: Path, storage: str, zero_stage: int,
+                        stored: Callable[[], object] = lambda: True) -> tuple:
+    """A 2-worker run killed in step 7, then started again; `stored()` is checked in
+    between (that the checkpoints reached the storage). The resumed run must end where
+    one process does. Returns the run's workers, build, finish and result."""
     marker = tmp_path / "killed"
     dying = functools.partial(build, die_at_forward=7, marker=str(marker))
-    workers = WorkerSettings(workers=2, storage=str(tmp_path / "ray"), name="killed",
+    workers = WorkerSettings(workers=2, storage=storage, name="killed",
                              use_gpu=False, zero_stage=zero_stage)
     finish = functools.partial(save_to, tmp_path / "student.pt")
     with pytest.raises(RuntimeError, match="failed"):
         distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
-    assert marker.exists()
+    assert marker.exists() and stored()
 
     result = distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
     teacher, alone = pair()
@@ -103,7 +106,14 @@ def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path,
     torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-7)
     trained = torch.load(tmp_path / "student.pt", weights_only=True)
     torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
+    return workers, dying, finish, result
 
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path,
+                                                              zero_stage: int) -> None:
+    workers, dying, finish, result = killed_then_resumed(tmp_path, str(tmp_path / "ray"),
+                                                         zero_stage)
     (tmp_path / "student.pt").unlink()
     again = distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
     assert again == result and not (tmp_path / "student.pt").exists()

@@ -3,12 +3,10 @@ same run as on a local folder, against an S3 server on this machine (moto)."""
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("deepspeed")
 moto_server = pytest.importorskip("moto.server")
@@ -17,10 +15,7 @@ import pyarrow.fs  # noqa: E402
 import ray  # noqa: E402
 
 import test_distributed_training  # noqa: E402
-from test_distill import QUICK, pair, states, windows  # noqa: E402
-from test_distributed_training import build, save_to  # noqa: E402
-from prunetune.training.distill import distill  # noqa: E402
-from prunetune.training.distributed import WorkerSettings, distill_on_workers  # noqa: E402
+from test_distributed_training import killed_then_resumed  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -60,22 +55,10 @@ def stored_files(uri: str) -> list[str]:
 
 def test_a_killed_run_resumes_from_its_checkpoint_in_s3(s3_storage: str, tmp_path: Path) -> None:
     ray.cloudpickle.register_pickle_by_value(test_distributed_training)
-    marker = tmp_path / "killed"
-    dying = functools.partial(build, die_at_forward=7, marker=str(marker))
-    workers = WorkerSettings(workers=2, storage=f"{s3_storage}/distill", name="killed",
-                             use_gpu=False, zero_stage=2)
-    finish = functools.partial(save_to, tmp_path / "student.pt")
-    with pytest.raises(RuntimeError, match="failed"):
-        distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
-    assert marker.exists()
-    shards = [path for path in stored_files(f"{s3_storage}/distill/killed")
-              if "checkpoint_" in path and path.endswith(".pt")]
-    assert shards, "no DeepSpeed shard reached the bucket"
+    storage = f"{s3_storage}/distill"
 
-    result = distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
-    teacher, alone = pair()
-    reference = distill(teacher, alone, windows(), QUICK)
-    assert result.resumed_from in (2, 4, 6) and result.steps == 12
-    torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-7)
-    trained = torch.load(tmp_path / "student.pt", weights_only=True)
-    torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
+    def shards_in_the_bucket() -> bool:
+        return any("checkpoint_" in path and path.endswith(".pt")
+                   for path in stored_files(f"{storage}/killed"))
+
+    killed_then_resumed(tmp_path, storage, 2, shards_in_the_bucket)
