@@ -3,6 +3,7 @@ exact cost, export and reload, and a search over the preset."""
 
 import json
 import random
+from typing import Any, Iterator
 
 import pytest
 import ray
@@ -48,18 +49,26 @@ def sorted_norms(model: torch.nn.Module, seed: int = 3):
     return permute_model(model, activation_scores(model, ids)).input_norms
 
 
+def masked_equals_extracted(model: torch.nn.Module, ids: torch.Tensor, norms: Any,
+                            rng: random.Random, count: int) -> Iterator[tuple[SubnetConfig, torch.nn.Module]]:
+    """For `count` random disp sub-networks, check that the masked logits equal the
+    extracted model's to 1e-4 and that the config's parameter count is the extracted
+    model's; yields each sub-network with its extracted model for further checks."""
+    for _ in range(count):
+        subnet = random_disp_subnet(model.config, rng)
+        with apply_masks(model, subnet, input_norms=norms):
+            masked = logits(model, ids)
+        small = extract(model, subnet, norms)
+        assert (masked - logits(small, ids)).abs().max() <= 1e-4, subnet
+        assert count_params(model.config, subnet) == sum(p.numel() for p in small.parameters())
+        yield subnet, small
+
+
 def test_masked_equals_extracted_and_cost_is_exact(tiny_model: torch.nn.Module) -> None:
     norms = sorted_norms(tiny_model)
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
     dense = logits(tiny_model, ids)
-    rng = random.Random(0)
-    for _ in range(10):
-        subnet = random_disp_subnet(tiny_model.config, rng)
-        with apply_masks(tiny_model, subnet, input_norms=norms):
-            masked = logits(tiny_model, ids)
-        small = extract(tiny_model, subnet, norms)
-        assert (masked - logits(small, ids)).abs().max() <= 1e-4, subnet
-        assert count_params(tiny_model.config, subnet) == sum(p.numel() for p in small.parameters())
+    for subnet, small in masked_equals_extracted(tiny_model, ids, norms, random.Random(0), 10):
         linear = sum(m.weight.numel() for m in small.modules() if isinstance(m, torch.nn.Linear))
         attention = sum(2 * 2 * 7 * 7 * kv * q * 8 for kv, q in zip(subnet.kv_heads, subnet.q_per_kv))
         assert forward_flops(tiny_model.config, subnet, 7) == 2 * 7 * linear + attention
@@ -199,14 +208,8 @@ def test_disp_space_decodes_per_block_channels_and_keeps_the_stream_whole() -> N
 def test_smollm2_masked_equals_extracted(smollm2: torch.nn.Module) -> None:
     ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
     norms = activation_scores(smollm2, ids).input_norms
-    rng = random.Random(2)
-    for _ in range(2):
-        subnet = random_disp_subnet(smollm2.config, rng)
-        with apply_masks(smollm2, subnet, input_norms=norms):
-            masked = logits(smollm2, ids)
-        small = extract(smollm2, subnet, norms)
-        assert (masked - logits(small, ids)).abs().max() <= 1e-4
-        assert count_params(smollm2.config, subnet) == sum(p.numel() for p in small.parameters())
+    for _ in masked_equals_extracted(smollm2, ids, norms, random.Random(2), 2):
+        pass
 
 
 def test_spec_refuses_disp_without_activation_importance() -> None:
