@@ -67,9 +67,12 @@ def make_settings(model: str, **overrides) -> EvaluatorSettings:
 
 
 # zero3 holds a model with tied embeddings (one table, partitioned and permuted once),
-# autotp one without (AutoTP splits the LM head). Each mode computes its own scores: the
-# zero3 group on the sharded model, the autotp group on the unsharded one.
+# autotp one without (AutoTP splits the LM head), tp both. Each mode computes its own
+# scores: the zero3 and tp groups on the sharded model, the autotp group on the unsharded
+# one.
 GROUPS = [pytest.param(("zero3", True), id="zero3-tied"),
+          pytest.param(("tp", False), id="tp-untied", marks=pytest.mark.slow),
+          pytest.param(("tp", True), id="tp-tied"),
           pytest.param(("autotp", False), id="autotp-untied", marks=pytest.mark.slow)]
 
 
@@ -177,3 +180,28 @@ def test_a_hung_rank_times_out_in_a_group_started_as_the_pool_does(cluster, tmp_
         assert 15 <= time.monotonic() - start < 40
     finally:
         ray.kill(group)
+
+
+@pytest.mark.slow
+def test_tp_ranks_initialize_only_their_slices_of_random_weights(cluster, tmp_path) -> None:
+    """A config file under tp: every rank builds its own slices, none holds the model."""
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(tiny_config("llama", **CONFIG).to_dict()))
+    group = ShardedEvaluatorGroup(make_settings(str(config_file), importance="none"),
+                                  "group-tp-random", ShardingSettings(2, "tp", timeout_s=60))
+    try:
+        info = group.info()
+        held = [r["held_elements"] for r in info["ranks"]]
+        assert all(0 < h < info["params"] for h in held) and sum(held) < 1.5 * info["params"]
+        for subnet in SUBNETS.values():
+            result = group.evaluate(subnet.to_json(), ["perplexity"])
+            assert result["status"] == "ok" and result["perplexity"] > 1
+    finally:
+        group.shutdown()
+
+
+def test_tp_refuses_heads_that_do_not_split_over_the_ranks() -> None:
+    from prunetune.evaluators.sharded.tp import check_divisible
+
+    with pytest.raises(ValueError, match="num_key_value_heads = 2 does not split over 4 ranks"):
+        check_divisible(tiny_config("llama", **CONFIG), 4)

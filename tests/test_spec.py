@@ -141,7 +141,7 @@ def test_run_dir_defaults_to_name_and_utc_time():
         ({"resources": {"gpus_per_evaluator": "many"}},
          "resources.gpus_per_evaluator: must be a non-negative integer or 'auto'"),
         ({"resources": {"gpus_per_evaluator": 4}},
-         "resources.gpus_per_evaluator: 4 GPUs per evaluator need sharding: zero3 or autotp"),
+         "resources.gpus_per_evaluator: 4 GPUs per evaluator need sharding: zero3, tp or autotp"),
         ({"resources": {"gpus_per_evaluator": 1, "sharding": "autotp"}},
          "resources.sharding: autotp needs gpus_per_evaluator >= 2 or auto"),
         ({"resources": {"offload": "cpu"}}, "resources.offload: cpu needs sharding: zero3"),

@@ -28,7 +28,7 @@ import torch
 
 from prunetune.evaluators.data import token_windows
 from prunetune.evaluators.importance import (
-    ImportanceScores, activation_scores, magnitude_scores, saved_order,
+    ImportanceScores, InputSlices, activation_scores, magnitude_scores, saved_order,
 )
 from prunetune.evaluators.model import cache_dir, resolve_source
 from prunetune.evaluators.settings import EvaluatorSettings
@@ -101,15 +101,16 @@ class EvaluatorBase(ABC):
         return self.calls
 
 
-def compute_scores(model: torch.nn.Module, tokenizer: Any,
-                   settings: EvaluatorSettings) -> ImportanceScores:
+def compute_scores(model: torch.nn.Module, tokenizer: Any, settings: EvaluatorSettings,
+                   slices: InputSlices | None = None) -> ImportanceScores:
     """Importance scores of an unsorted model by `settings.importance`: weight magnitudes,
-    or activations over `settings.calibration_samples` calibration windows."""
+    or activations over `settings.calibration_samples` calibration windows (on a
+    tensor-parallel rank, of its `slices` only: `activation_scores`)."""
     if settings.importance == "magnitude":
         return magnitude_scores(model)
     ids = token_windows(tokenizer, settings.calibration, settings.seq_len,
                         settings.calibration_samples, model.config.vocab_size)
-    return activation_scores(model, ids, settings.batch_size)
+    return activation_scores(model, ids, settings.batch_size, slices)
 
 
 def release_memory(device: torch.device | None = None) -> None:

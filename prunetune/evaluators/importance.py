@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -110,6 +110,41 @@ def magnitude_weight_scores(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs()
 
 
+@dataclass(frozen=True)
+class InputSlices:
+    """The part of the query-head outputs (`num_heads * head_dim`) and of the MLP neurons
+    that a model's `o_proj` and `down_proj` read: all of them, or, under tensor
+    parallelism, one rank's contiguous slice."""
+
+    heads: slice = field(default_factory=lambda: slice(None))
+    neurons: slice = field(default_factory=lambda: slice(None))
+
+    SLICED = ("heads", "neurons", "o", "down")
+    """What a tensor-parallel rank scores of its own slice only: the per-head and
+    per-neuron scores and the input norms of `o_proj` and `down_proj`."""
+
+
+def local_input_slices(model: nn.Module, rank: int, world: int) -> InputSlices:
+    """Where this tensor-parallel rank's `o_proj` and `down_proj` inputs sit in the full
+    widths, from the local widths of every rank (a collective over the default group)."""
+    a = adapter_for(model)
+    layer = model.get_submodule(a.layers)[0]
+    weights = (layer.get_submodule(a.attn).get_submodule(a.o).weight,
+               layer.get_submodule(a.mlp).get_submodule(a.down).weight)
+    widths = tuple(local_part(w).shape[1] for w in weights)
+    every: list[Any] = [None] * world
+    torch.distributed.all_gather_object(every, widths)
+    heads_start = sum(w[0] for w in every[:rank])
+    neurons_start = sum(w[1] for w in every[:rank])
+    return InputSlices(slice(heads_start, heads_start + widths[0]),
+                       slice(neurons_start, neurons_start + widths[1]))
+
+
+def local_part(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: a DTensor's local shard, or the tensor itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 @dataclass
 class ImportanceScores:
     """Scores of one model: higher means more important.
@@ -167,10 +202,14 @@ class ImportanceScores:
 class _Accumulator:
     """Sums of per-unit activation magnitudes collected by forward hooks."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, slices: InputSlices) -> None:
         self.model = model
         self.a = adapter_for(model)
         self.d = ModelDims.from_config(model.config)
+        rows = slices.heads
+        self.part = {"o": rows, "down": slices.neurons, "neurons": slices.neurons,
+                     "heads": slice(None) if rows.start is None
+                     else slice(rows.start // self.d.head_dim, rows.stop // self.d.head_dim)}
         n = self.d.num_layers
         self.heads = [torch.zeros(self.d.num_heads, dtype=torch.float64) for _ in range(n)]
         self.neurons = [torch.zeros(self.d.intermediate_size, dtype=torch.float64) for _ in range(n)]
@@ -201,8 +240,9 @@ class _Accumulator:
     def _head_hook(self, i: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].float()
-            per_head = x.reshape(*x.shape[:-1], self.d.num_heads, self.d.head_dim).norm(dim=-1)
-            self.heads[i] += per_head.reshape(-1, self.d.num_heads).sum(0).double().cpu()
+            per_head = x.reshape(*x.shape[:-1], -1, self.d.head_dim).norm(dim=-1)
+            heads = per_head.reshape(-1, per_head.shape[-1]).sum(0)
+            self.heads[i][self.part["heads"]] += heads.double().cpu()
             self._add_squares("o", i, x)
         return hook
 
@@ -213,12 +253,13 @@ class _Accumulator:
 
     def _add_squares(self, kind: str, i: int, x: torch.Tensor) -> None:
         """Add the squares of every channel of `x` over its tokens (Wanda's input norms)."""
-        self.squares[kind][i] += x.pow(2).reshape(-1, x.shape[-1]).sum(0).double().cpu()
+        part = self.part.get(kind, slice(None))
+        self.squares[kind][i][part] += x.pow(2).reshape(-1, x.shape[-1]).sum(0).double().cpu()
 
     def _neuron_hook(self, i: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].float()
-            self.neurons[i] += x.abs().reshape(-1, x.shape[-1]).sum(0).double().cpu()
+            self.neurons[i][self.part["neurons"]] += x.abs().reshape(-1, x.shape[-1]).sum(0).double().cpu()
             self._add_squares("down", i, x)
         return hook
 
@@ -246,9 +287,15 @@ class _Accumulator:
 
 
 @torch.inference_mode()
-def activation_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> ImportanceScores:
-    """Minitron activation magnitudes and ShortGPT block influence over a calibration batch."""
-    acc = _Accumulator(model)
+def activation_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4,
+                      slices: InputSlices | None = None) -> ImportanceScores:
+    """Minitron activation magnitudes and ShortGPT block influence over a calibration batch.
+
+    On a tensor-parallel rank, `slices` says which heads and neurons it sees: their scores
+    are filled in and the others left at zero (`InputSlices.SLICED`), so that summing
+    every rank's scores gives the whole model's.
+    """
+    acc = _Accumulator(model, slices or InputSlices())
     handles = list(acc.hooks())
     device = next(model.parameters()).device
     try:
@@ -306,7 +353,18 @@ def head_order(scores: torch.Tensor, d: ModelDims) -> tuple[torch.Tensor, torch.
 
 
 def reorder_(param: torch.Tensor, index: torch.Tensor, dim: int) -> None:
-    """Reorder `param` in place along `dim`: new position i takes old `index[i]`."""
+    """Reorder `param` in place along `dim`: new position i takes old `index[i]`.
+
+    A tensor-parallel parameter (a DTensor) is gathered whole, reordered, and this rank's
+    part of the result written back: one parameter at a time is ever whole.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        whole = param.full_tensor().index_select(dim, index.to(param.device))
+        part = distribute_tensor(whole, param.device_mesh, param.placements)
+        param.to_local().copy_(part.to_local())
+        return
     param.copy_(param.index_select(dim, index.to(param.device)))
 
 

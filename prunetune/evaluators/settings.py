@@ -78,7 +78,7 @@ DEFAULTS = EvaluatorSettings()
 """The default settings, which the spec's defaults read."""
 
 
-SHARDING_MODES = ("zero3", "autotp")
+SHARDING_MODES = ("zero3", "tp", "autotp")
 OFFLOADS = ("none", "cpu")
 
 
@@ -105,6 +105,6 @@ class ShardingSettings:
                              f"got {self.offload!r}")
         if self.offload != "none" and self.mode != "zero3":
             raise ValueError(f"sharding.offload {self.offload!r} needs mode 'zero3' "
-                             f"(AutoTP keeps every slice on its device), got {self.mode!r}")
+                             f"(tensor parallelism keeps every slice on its device), got {self.mode!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"sharding.timeout_s must be positive, got {self.timeout_s}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import json
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
 from typing import Any, Iterator
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from prunetune.evaluators.importance import (
-    BlockChannels, InputNorms, magnitude_weight_scores, wanda_scores,
+    BlockChannels, InputNorms, InputSlices, magnitude_weight_scores, wanda_scores,
 )
 from prunetune.search_spaces.dims import Adapter, ModelDims, adapter_for
 from prunetune.search_spaces.subnet import Sparsity, SubnetConfig
@@ -120,16 +120,6 @@ def _norms(model: nn.Module, a: Adapter, layers: nn.ModuleList) -> list[nn.Modul
     for layer in layers:
         norms += [layer.get_submodule(a.input_norm), layer.get_submodule(a.post_attn_norm)]
     return norms
-
-
-@dataclass(frozen=True)
-class InputSlices:
-    """The part of the query-head outputs (`num_heads * head_dim`) and of the MLP neurons
-    that a model's `o_proj` and `down_proj` read: all of them, or, under tensor
-    parallelism, one rank's contiguous slice."""
-
-    heads: slice = field(default_factory=lambda: slice(None))
-    neurons: slice = field(default_factory=lambda: slice(None))
 
 
 @contextmanager

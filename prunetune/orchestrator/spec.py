@@ -306,8 +306,10 @@ class ResourcesSpec(_Section):
     """Evaluator groups: how many, and what one group holds.
 
     An evaluator group holds one copy of the model. One GPU per group needs no sharding;
-    several GPUs per group need DeepSpeed sharding: `autotp` (tensor parallel, 2 or more
-    GPUs) or `zero3` (1 or more GPUs, optionally offloading weights to host memory).
+    several GPUs per group need sharding: `tp` (tensor parallel, 2 or more GPUs, each
+    rank loading only its slices), `autotp` (DeepSpeed's tensor parallelism, each rank
+    loading the whole model into host memory first) or `zero3` (1 or more GPUs,
+    optionally offloading weights to host memory).
     `gpus_per_evaluator: auto` lets the planner size groups from the model and GPU memory.
     `subnets_per_trial` is how many sub-networks one Tune trial evaluates (in parallel,
     `batches.py`); `auto` is evaluators / 4 (one up to 4 evaluators).
@@ -317,7 +319,7 @@ class ResourcesSpec(_Section):
     subnets_per_trial: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     gpus_per_evaluator: Annotated[int | Literal["auto"], PlainValidator(_check_gpus)] = 0
     cpus_per_evaluator: float = Field(1.0, gt=0)
-    sharding: Literal["none", "zero3", "autotp"] = "none"
+    sharding: Literal["none", "zero3", "tp", "autotp"] = "none"
     offload: Literal["none", "cpu"] = "none"
 
     @model_validator(mode="after")
@@ -325,7 +327,7 @@ class ResourcesSpec(_Section):
         gpus = self.gpus_per_evaluator
         if self.offload != "none" and self.sharding != "zero3":
             raise _field_error("offload", f"{self.offload} needs sharding: zero3")
-        least = {"autotp": 2, "zero3": 1}.get(self.sharding)
+        least = {"tp": 2, "autotp": 2, "zero3": 1}.get(self.sharding)
         if least is not None and gpus != "auto" and gpus < least:
             raise _field_error(
                 "sharding",
@@ -334,7 +336,7 @@ class ResourcesSpec(_Section):
         if self.sharding == "none" and gpus != "auto" and gpus > 1:
             raise _field_error(
                 "gpus_per_evaluator",
-                f"{gpus} GPUs per evaluator need sharding: zero3 or autotp (or one GPU each)",
+                f"{gpus} GPUs per evaluator need sharding: zero3, tp or autotp (or one GPU each)",
             )
         return self
 

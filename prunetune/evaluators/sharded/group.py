@@ -56,7 +56,7 @@ class ShardedEvaluatorGroup(EvaluatorBase):
         self.settings = settings
         self.evaluator_id = evaluator_id
         self.sharding = sharding or ShardingSettings()
-        if self.sharding.mode == "zero3":
+        if self.sharding.mode in ("zero3", "tp"):
             check_partitionable(settings.model)
         self.broken: str | None = None
         self.ranks: list[Any] = []

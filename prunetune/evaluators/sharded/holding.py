@@ -8,6 +8,7 @@ in `rank.py`.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from prunetune.evaluators.importance import ImportanceScores
+from prunetune.evaluators.importance import ImportanceScores, InputSlices
 from prunetune.evaluators.settings import EvaluatorSettings, ShardingSettings
+from prunetune.evaluators.surgery import apply_masks
 from prunetune.search_spaces.subnet import SubnetConfig
 
 
@@ -63,3 +65,19 @@ class Holding(ABC):
 
     def combine(self, total: torch.Tensor) -> None:
         """Turn this rank's loss sum into the group's, in place (default: it already is)."""
+
+
+class SlicedHolding(Holding):
+    """A tensor-parallel holding: every rank holds a slice of every block (`slices` says
+    which heads and neurons) and runs every window; the layers' all-reduces join them."""
+
+    model: nn.Module
+    slices: InputSlices
+
+    def masked(self, subnet: SubnetConfig) -> AbstractContextManager[nn.Module]:
+        """Head and neuron masks cut to this rank's slice; the rest masks as unsharded."""
+        return apply_masks(self.model, subnet, self.slices)
+
+    def share(self, windows: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+        """Every window."""
+        return windows, math.ceil(len(windows) / batch_size)

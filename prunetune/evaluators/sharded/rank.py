@@ -18,16 +18,19 @@ from torch import nn
 
 from prunetune.evaluators.contract import DTYPES, release_memory
 from prunetune.evaluators.data import token_windows
+from prunetune.evaluators.importance import local_part
 from prunetune.evaluators.latency import LatencyCache, latency_cache_file, subnet_latency
 from prunetune.evaluators.perplexity import perplexity_metrics, window_span, window_tokens
 from prunetune.evaluators.settings import EvaluatorSettings, ShardingSettings
 from prunetune.evaluators.sharded.autotp import AutoTPHolding
 from prunetune.evaluators.sharded.holding import Holding, RankContext
+from prunetune.evaluators.sharded.tp import TensorParallelHolding
 from prunetune.evaluators.sharded.zero3 import Zero3Holding
 from prunetune.metrics import wants_latency, wants_perplexity
 from prunetune.search_spaces.subnet import SubnetConfig
 
-HOLDINGS: dict[str, type[Holding]] = {"zero3": Zero3Holding, "autotp": AutoTPHolding}
+HOLDINGS: dict[str, type[Holding]] = {"zero3": Zero3Holding, "tp": TensorParallelHolding,
+                                      "autotp": AutoTPHolding}
 
 
 def _free_port() -> int:
@@ -93,10 +96,11 @@ class ShardRank:
         return shared[0]
 
     def _held(self) -> dict[str, int]:
-        """Parameter elements resident on this rank: partitions, plus any gathered in full."""
+        """Parameter elements resident on this rank: partitions or tensor-parallel slices,
+        plus any gathered in full."""
         held = 0
         for p in self.holding.model.parameters():
-            held += p.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0)
+            held += local_part(p).numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0)
         return {"held_elements": held}
 
     def evaluate(self, subnet_json: str, metrics: list[str],
