@@ -341,13 +341,24 @@ def descending(scores: torch.Tensor) -> torch.Tensor:
     return torch.argsort(scores, descending=True, stable=True)
 
 
-def head_order(scores: torch.Tensor, d: ModelDims) -> tuple[torch.Tensor, torch.Tensor]:
-    """New-to-old indices of query heads and of groups, most important first.
+def striped(order: torch.Tensor, stripes: int) -> torch.Tensor:
+    """`order` (most important first) rearranged so that the s-th of `stripes` equal
+    contiguous slices holds positions s, s + stripes, s + 2 stripes, ...: a kept prefix of
+    the order then spreads evenly over the slices (tensor-parallel ranks)."""
+    local = len(order) // stripes
+    slot = torch.arange(len(order))
+    return order[(slot % local) * stripes + slot // local]
+
+
+def head_order(scores: torch.Tensor, d: ModelDims,
+               stripes: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """New-to-old indices of query heads and of groups, most important first (`striped`
+    over `stripes` slices).
 
     Groups are ordered by the total score of their heads, heads within a group by score.
     """
     per_group = scores.reshape(d.num_kv_heads, d.q_per_kv)
-    groups = descending(per_group.sum(1))
+    groups = striped(descending(per_group.sum(1)), stripes)
     within = torch.stack([descending(per_group[g]) for g in groups.tolist()])
     return (groups[:, None] * d.q_per_kv + within).reshape(-1), groups
 
@@ -391,13 +402,15 @@ def in_model_order(scores: ImportanceScores) -> bool:
 
 
 @torch.no_grad()
-def permute_model(model: nn.Module, scores: ImportanceScores) -> ImportanceScores:
+def permute_model(model: nn.Module, scores: ImportanceScores, stripes: int = 1) -> ImportanceScores:
     """Sort the model's weights in place by importance; return the scores in the new order.
 
     The model's logits are unchanged (to float32 rounding): heads move with their group's
     keys and values, neurons with their gate/up rows and down column, and embedding
     channels everywhere at once (tied embeddings are one tensor, permuted once). Scores
-    already in the model's order (`in_model_order`) leave it as it is.
+    already in the model's order (`in_model_order`) leave it as it is. With `stripes`,
+    the heads and neurons of a model split over that many tensor-parallel ranks are
+    `striped`, so that every rank holds its share of any kept prefix.
     """
     if in_model_order(scores):
         return scores
@@ -407,7 +420,8 @@ def permute_model(model: nn.Module, scores: ImportanceScores) -> ImportanceScore
         reorder_(param, channels, dim)
     new_heads, new_neurons, orders = [], [], []
     for i, layer in enumerate(model.get_submodule(a.layers)):
-        heads, neurons = permute_layer(layer, a, d, scores.heads[i], scores.neurons[i], channels)
+        heads, neurons = permute_layer(layer, a, d, scores.heads[i], scores.neurons[i], channels,
+                                       stripes)
         new_heads.append(scores.heads[i][heads])
         new_neurons.append(scores.neurons[i][neurons])
         orders.append((_expand(heads, d.head_dim), neurons))
@@ -433,12 +447,14 @@ def residual_tables(model: nn.Module, a: Adapter) -> list[tuple[torch.Tensor, in
 
 
 def permute_layer(layer: nn.Module, a: Adapter, d: ModelDims, head_scores: torch.Tensor,
-                  neuron_scores: torch.Tensor, channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort one decoder layer in place: heads and neurons by their scores, and its part of
-    the residual stream by `channels`. Returns the new-to-old head and neuron indices."""
-    heads, groups = head_order(head_scores, d)
+                  neuron_scores: torch.Tensor, channels: torch.Tensor,
+                  stripes: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort one decoder layer in place: heads and neurons by their scores (`striped` over
+    `stripes` slices), and its part of the residual stream by `channels`. Returns the
+    new-to-old head and neuron indices."""
+    heads, groups = head_order(head_scores, d, stripes)
     _permute_heads(layer, a, d, heads, groups)
-    neurons = descending(neuron_scores)
+    neurons = striped(descending(neuron_scores), stripes)
     _permute_neurons(layer, a, neurons)
     _permute_layer_channels(layer, a, channels)
     return heads, neurons
