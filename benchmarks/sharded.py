@@ -5,9 +5,10 @@ perplexity and params as objectives) on a model given by its `config.json` alone
 weights are random and built on the GPUs directly. For each layout it prints the time to
 build the evaluators, evaluations per hour, tokens scored per second per GPU, and two
 FLOP rates per GPU: the FLOPs the sub-networks need (`search_spaces.cost.forward_flops` of
-each evaluated sub-network), and the FLOPs masked evaluation executes, which is more:
-masks skip removed layers, but run every kept layer at full width (removed heads, neurons
-and channels are computed, then zeroed).
+each evaluated sub-network), and the FLOPs evaluation executes, which is more: masks skip
+removed layers, but run every kept layer at full width (removed heads, neurons and
+channels are computed, then zeroed); `tp` runs kept layers with their kept heads and
+neurons, at the full embedding width.
 
     python benchmarks/sharded.py --model tests/fixtures/configs/llama3-70b.json \\
         --layout zero3:2x1 --trials 20 --windows 64
@@ -15,7 +16,8 @@ and channels are computed, then zeroed).
         --layout zero3:2x1 --layout none:1x2 --trials 20 --windows 64
 
 A layout is `SHARDING:GPUSxEVALUATORS`: `zero3:2x1` is one group of two GPUs (ZeRO-3),
-`none:1x2` two single-GPU evaluators, `autotp:2x1` one tensor-parallel group of two.
+`none:1x2` two single-GPU evaluators, `tp:2x1` one tensor-parallel group of two (each rank
+loading only its slices), `tp:2x2` two such groups, `autotp:2x1` DeepSpeed's AutoTP.
 """
 
 from __future__ import annotations
@@ -75,10 +77,14 @@ def spec_for(args: argparse.Namespace, layout: Layout, run_dir: Path):
     })
 
 
-def masked_work(config: dict, subnet: SubnetConfig) -> SubnetConfig:
-    """What masked evaluation of `subnet` computes: its kept layers, at full width."""
+def executed_work(config: dict, subnet: SubnetConfig, sharding: str) -> SubnetConfig:
+    """What evaluation of `subnet` computes: masks run its kept layers at full width; `tp`
+    runs them with their kept heads and neurons, at the full embedding width."""
     dense = SubnetConfig.dense(config)
     n = subnet.num_layers
+    if sharding == "tp":
+        return SubnetConfig(subnet.layers, subnet.kv_heads, subnet.q_per_kv, subnet.mlp,
+                            dense.embed)
     return SubnetConfig(subnet.layers, dense.kv_heads[:n], dense.q_per_kv[:n], dense.mlp[:n],
                         dense.embed)
 
@@ -106,7 +112,7 @@ def run_layout(args: argparse.Namespace, layout: Layout) -> dict:
     dense_params = count_params(config, SubnetConfig.dense(config))
     subnets = [SubnetConfig.from_json(text) for text in ok["config_json"]]
     needed = sum(forward_flops(config, s, args.seq_len) for s in subnets) * args.windows
-    executed = sum(forward_flops(config, masked_work(config, s), args.seq_len)
+    executed = sum(forward_flops(config, executed_work(config, s, layout.sharding), args.seq_len)
                    for s in subnets) * args.windows
     per_gpu_second = search_seconds * devices * 1e12
     return {
@@ -143,7 +149,7 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(rows, indent=2))
     print("\n| layout | GPUs | build s | evals/h | median eval s | tokens/s/GPU | "
-          "sub-network TFLOP/s/GPU | executed (masked) TFLOP/s/GPU |")
+          "sub-network TFLOP/s/GPU | executed TFLOP/s/GPU |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layout']} | {r['gpus']} | {r['build_seconds']:.0f} | {r['evaluations_per_hour']:.0f} | "
