@@ -412,8 +412,8 @@ class SearchSpace(ABC):
 
     def _next_mlp_width(self, width: int) -> int:
         """The grid's next MLP width above `width` (the dense width for itself)."""
-        full = self.dims.intermediate_size
-        return full if width >= full else min(full, (width // self.neuron_step + 1) * self.neuron_step)
+        full, step = self.dims.intermediate_size, self.neuron_step
+        return full if width >= full else min(full, (width // step + 1) * step)
 
     def decode(self, trial_config: Mapping[str, Any]) -> SubnetConfig:
         """The validated sub-network of a trial config; keys of other parameters are ignored."""
