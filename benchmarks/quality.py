@@ -25,12 +25,19 @@ windows and PIQA items; it prints a table and writes sparsity.json to --out.
                                  [--no-importance-presets per_layer] [--trials 150]
     python benchmarks/quality.py --sparsity [--quick] [--test-windows 32] [--task-limit 200]
     python benchmarks/quality.py --disp [--quick] [--trials 150] [--device auto]
+                                 [--fill-presets per_layer disp]
 
 With `--disp` it searches the `disp` space (per-block residual channels, DISP-LLM) and
 the `per_layer` space (one embedding width) with the same algorithm, seed and number of
 trials, and reports each front's best point at 90 to 50% of the parameters on the test
 split, with the baselines at the same budgets; it writes disp.png and disp.json to --out.
 `--device auto` (or cuda) runs the searches and the report on a GPU when there is one.
+
+`--fill-presets` adds, for each preset named, the same search with `search_space.fill_to`
+set to the budgets: each proposal is evaluated with its MLPs filled toward the smallest
+budget at or above it, so the front has points at the budgets themselves. The figure and
+record are then named `<name>-fill` (quality-fill, disp-fill), beside those of runs
+without it.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ class Options:
 
     presets: list[str]
     no_importance_presets: list[str]
+    fill_presets: list[str]
     algorithm: str
     trials: int
     population: int
@@ -96,6 +104,7 @@ class SearchRun:
 
     preset: str
     importance: str
+    filled: bool
     front: pd.DataFrame
     trials: int
     wall_seconds: float
@@ -104,7 +113,9 @@ class SearchRun:
 
     @property
     def label(self) -> str:
-        return f"search ({self.preset}{', no importance' if self.importance == 'none' else ''})"
+        notes = (", no importance" if self.importance == "none" else "") + (
+            ", filled" if self.filled else "")
+        return f"search ({self.preset}{notes})"
 
 
 @dataclass
@@ -128,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--no-importance-presets", nargs="*", default=None,
                    choices=[p for p in PRESETS if p != "disp"],
                    help="presets also searched without the importance permutation")
+    p.add_argument("--fill-presets", nargs="*", default=[],
+                   choices=PRESETS,
+                   help="presets also searched with their proposals filled to the budgets")
     p.add_argument("--algorithm", default=None, choices=["nsga2", "local", "random"])
     p.add_argument("--trials", type=int, default=None, help="search trials per preset")
     p.add_argument("--search-windows", type=int, default=None,
@@ -156,6 +170,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         presets=a.presets or default_presets,
         no_importance_presets=(a.no_importance_presets if a.no_importance_presets is not None
                                else [] if quick or a.disp else ["per_layer"]),
+        fill_presets=a.fill_presets,
         algorithm=a.algorithm or "local",
         trials=a.trials or (6 if quick else 150),
         population=4 if quick else 8,
@@ -163,7 +178,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         test_windows=a.test_windows or (2 if quick else 32),
         task_limit=a.task_limit or (20 if quick else 200),
         out=a.out, run_root=a.run_root, quick=quick, seed=a.seed, sparsity=a.sparsity,
-        device=resolved_device(a.device), name="disp" if a.disp else "quality",
+        device=resolved_device(a.device),
+        name=("disp" if a.disp else "quality") + ("-fill" if a.fill_presets else ""),
     )
 
 
@@ -183,12 +199,15 @@ def resources(opts: Options) -> dict[str, Any]:
     return {"evaluators": 1, "cpus_per_evaluator": 2}
 
 
-def search_spec(opts: Options, preset: str, importance: str, run_dir: Path) -> Any:
-    """The spec of one search: perplexity vs params, warm-started from every baseline."""
+def search_spec(opts: Options, preset: str, importance: str, filled: bool,
+                run_dir: Path) -> Any:
+    """The spec of one search: perplexity vs params, warm-started from every baseline;
+    `filled`: proposals filled toward the budgets."""
+    space = {"preset": preset, **({"fill_to": list(opts.budgets)} if filled else {})}
     return load_spec({
         "name": f"quality-{run_dir.name}",
         "run_dir": str(run_dir),
-        "search_space": {"preset": preset},
+        "search_space": space,
         "objectives": {"perplexity": "min", "params": "min"},
         "algorithm": {"name": opts.algorithm, "num_samples": opts.trials, "seed": opts.seed,
                       "population_size": opts.population, "warm_start": list(BASELINES)},
@@ -199,16 +218,18 @@ def search_spec(opts: Options, preset: str, importance: str, run_dir: Path) -> A
     })
 
 
-def run_one_search(opts: Options, preset: str, importance: str) -> SearchRun:
+def run_one_search(opts: Options, preset: str, importance: str, filled: bool) -> SearchRun:
     """Search one preset from scratch (an old run directory of the benchmark is replaced)."""
-    run_dir = opts.run_root / (preset if importance != "none" else f"{preset}-no-importance")
+    name = preset + ("-no-importance" if importance == "none" else "") + ("-fill" if filled else "")
+    run_dir = opts.run_root / name
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
-    outcome = run_search(search_spec(opts, preset, importance, run_dir))
+    outcome = run_search(search_spec(opts, preset, importance, filled, run_dir))
     wall = time.perf_counter() - start
     log = pd.read_parquet(Path(outcome.run_dir) / "results")
-    return SearchRun(preset, importance, outcome.front, trials=len(log) - 1, wall_seconds=wall,
-                     eval_seconds=float(log["eval_seconds"].sum()), run_dir=outcome.run_dir)
+    return SearchRun(preset, importance, filled, outcome.front, trials=len(log) - 1,
+                     wall_seconds=wall, eval_seconds=float(log["eval_seconds"].sum()),
+                     run_dir=outcome.run_dir)
 
 
 def best_within(front: pd.DataFrame, max_params: float) -> SubnetConfig | None:
@@ -426,7 +447,8 @@ def write_json(measured: list[Measured], searches: list[SearchRun], opts: Option
     record = {
         "seconds": seconds,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
-        "searches": [{"preset": r.preset, "importance": r.importance, "trials": r.trials, "front_size": len(r.front),
+        "searches": [{"preset": r.preset, "importance": r.importance, "filled": r.filled,
+                      "trials": r.trials, "front_size": len(r.front),
                       "wall_seconds": r.wall_seconds, "eval_seconds": r.eval_seconds}
                      for r in searches],
         "points": [{"method": m.method, "budget": m.budget, "params": m.params,
@@ -450,11 +472,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     opts.out.mkdir(parents=True, exist_ok=True)
     searches = []
-    runs = [(p, "activation") for p in opts.presets] + [(p, "none") for p in opts.no_importance_presets]
-    for preset, importance in runs:
-        print(f"searching the {preset} space, importance {importance} ({opts.trials} trials)...",
-              flush=True)
-        searches.append(run_one_search(opts, preset, importance))
+    runs = ([(p, "activation", False) for p in opts.presets]
+            + [(p, "none", False) for p in opts.no_importance_presets]
+            + [(p, "activation", True) for p in opts.fill_presets])
+    for preset, importance, filled in runs:
+        print(f"searching the {preset} space, importance {importance}"
+              f"{', filled to the budgets' if filled else ''} ({opts.trials} trials)...", flush=True)
+        searches.append(run_one_search(opts, preset, importance, filled))
     layer_order, model_config = search_record(searches)
     dense_params = count_params(model_config, SubnetConfig.dense(model_config))
     print("measuring the reported points on the test split...", flush=True)

@@ -143,3 +143,34 @@ def test_every_proposer_hands_out_distinct_configs_and_resumes_after_a_kill(name
     later = [restored.suggest(f"r{i}")["subnet"] for i in range(6)]
     assert len(set(later)) == 6 and not set(later) & running_at_checkpoint
     assert not {SubnetConfig.from_json(c).config_hash() for c in later} & logged
+
+
+def test_a_filled_search_evaluates_logs_and_resumes_the_filled_sub_networks(tmp_path) -> None:
+    """With budgets to fill to, the guard hands out (and the log keeps) each proposal's
+    filled sub-network, checks feasibility on it, and a searcher started again on the
+    same log with the same seed repeats none of them: its proposals are known."""
+    from prunetune.orchestrator.algorithms import GuardedSearcher, make_algorithm
+    from prunetune.search_spaces.cost import count_params
+
+    run_dir = str(tmp_path)
+    dense = count_params(SMOLLM2_CONFIG, SubnetConfig.dense(SMOLLM2_CONFIG))
+
+    def guarded():
+        space = make_space("uniform", SMOLLM2_CONFIG, fill_to=[0.9, 0.7])
+        algorithm = make_algorithm("random", space, OBJECTIVES, seed=0, population_size=4)
+        under = lambda s: count_params(SMOLLM2_CONFIG, s) <= 0.9 * dense
+        return space, GuardedSearcher(algorithm, space, OBJECTIVES, run_dir, under, budget=40)
+
+    space, searcher = guarded()
+    handed = [searcher.suggest(f"t{i}") for i in range(8)]
+    for i, config in enumerate(handed):
+        subnet = SubnetConfig.from_json(config["subnet"])
+        assert subnet == space.filled(space.decode(config))
+        assert count_params(SMOLLM2_CONFIG, subnet) <= 0.9 * dense
+        _finish(searcher, f"t{i}", config, run_dir)
+    assert any(SubnetConfig.from_json(c["subnet"]) != space.decode(c) for c in handed)
+    assert len(ResultLog(run_dir).evaluated_hashes()) == 8
+    _, again = guarded()
+    later = [again.suggest(f"r{i}")["subnet"] for i in range(4)]
+    assert again.skipped["known"] >= 8
+    assert not set(later) & {c["subnet"] for c in handed}

@@ -16,6 +16,8 @@ from prunetune.orchestrator.spec import load_spec
 from prunetune.orchestrator.pareto import pareto_front
 from prunetune.orchestrator.results import ResultLog
 from prunetune.orchestrator.search import resume_search, run_search
+from prunetune.search_spaces.spaces import make_space
+from prunetune.search_spaces.subnet import SubnetConfig
 from standin import SMOLLM2_CONFIG, StandInEvaluator
 
 TESTS = Path(__file__).parent
@@ -153,11 +155,18 @@ def driver(command: str, target: Path, env: dict) -> subprocess.Popen:
                             start_new_session=True)
 
 
+FILLED = {"preset": "uniform", "fill_to": [0.9, 0.7, 0.5]}
+
+
 @pytest.mark.slow
-def test_kill_9_of_the_driver_then_resume_loses_and_repeats_nothing(tmp_path, standin_env) -> None:
+@pytest.mark.parametrize("space", [{}, FILLED], ids=["grid", "filled"])
+def test_kill_9_of_the_driver_then_resume_loses_and_repeats_nothing(tmp_path, standin_env,
+                                                                    space) -> None:
+    """Also with budgets to fill to: the log holds the filled sub-networks, and the
+    resumed search, whose proposals are filled again, evaluates none of them twice."""
     run_dir = tmp_path / "run"
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(spec(run_dir, algorithm={"num_samples": 14}).to_yaml())
+    spec_file.write_text(spec(run_dir, algorithm={"num_samples": 14}, search_space=space).to_yaml())
     env = {**os.environ, "PRUNETUNE_STANDIN_SECONDS": "1"}
     process = driver("search", spec_file, env)
     log = ResultLog(str(run_dir))
@@ -177,6 +186,11 @@ def test_kill_9_of_the_driver_then_resume_loses_and_repeats_nothing(tmp_path, st
     assert len(trials) == 14 and rows["config_hash"].is_unique
     calls = evaluated(standin_env)
     assert len(calls) == len(set(calls)) == 15, Counter(calls).most_common(3)
+    if space:
+        grid = make_space("uniform", SMOLLM2_CONFIG, fill_to=space["fill_to"])
+        subnets = [SubnetConfig.from_json(c) for c in trials["config_json"]]
+        assert all(grid.filled(grid.coarse(s)) == s for s in subnets)
+        assert any(grid.coarse(s) != s for s in subnets)
 
 
 def partial_batches(run_dir: Path, batch: int) -> list[str]:

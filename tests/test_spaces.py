@@ -11,10 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dataclasses import replace
+
+from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.dims import ModelDims
 from prunetune.search_spaces.spaces import (
     SPACES,
     default_step,
+    fill_step,
     make_space,
     preset_bounds,
     ratio_grid,
@@ -293,3 +297,72 @@ def test_sparsity_grid_errors_name_the_field() -> None:
         uniform.encode(mixed)
     with pytest.raises(ValueError, match="this space has none"):
         make_space("uniform", GQA).encode(mixed)
+
+
+BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
+WIDTH_PRESETS = ("uniform", "per_layer", "disp")
+TIED_SMOLLM2 = {**SMOLLM2, "tie_word_embeddings": True}
+
+
+def _step_costs(subnet, step):
+    """What one fill step of each kept layer's MLP adds to the parameters."""
+    base = count_params(SMOLLM2, subnet)
+    return [count_params(SMOLLM2, replace(subnet, mlp=tuple(
+        w + step if j == i else w for j, w in enumerate(subnet.mlp)))) - base
+        for i in range(subnet.num_layers)]
+
+
+@pytest.mark.parametrize("preset", WIDTH_PRESETS)
+def test_filling_reaches_the_budget_within_one_fine_step_and_keeps_the_grid(preset):
+    """A proposal is widened toward the smallest budget at or above it: to within one fine
+    step of it unless every MLP is at the top of its grid step; `coarse` gives the proposal
+    back, and the searcher's grid is that of the space without budgets."""
+    space = make_space(preset, SMOLLM2, fill_to=BUDGETS, layer_order=range(29, -1, -1))
+    assert space.choices() == make_space(preset, SMOLLM2, layer_order=range(29, -1, -1)).choices()
+    dense = count_params(SMOLLM2, SubnetConfig.dense(SMOLLM2))
+    step = fill_step(space.neuron_step)
+    rng = random.Random(0)
+    for _ in range(60):
+        proposal = space.sample(rng)
+        filled = space.filled(proposal)
+        params, before = count_params(SMOLLM2, filled), count_params(SMOLLM2, proposal)
+        assert space.coarse(filled) == proposal
+        assert filled.validate(SMOLLM2) is filled and all(w % 8 == 0 for w in filled.mlp)
+        budget = next((b * dense for b in sorted(BUDGETS) if b * dense >= before), None)
+        if budget is None:
+            assert filled == proposal
+            continue
+        assert before <= params <= budget
+        grid = space.neuron_step
+        room = [c for c, w in zip(_step_costs(filled, step), filled.mlp)
+                if w < 1536 and w + step < min(1536, (w // grid + 1) * grid)]
+        assert not room or budget - params < min(room)
+
+
+def test_a_proposal_with_room_lands_on_the_budget_and_the_important_layers_fill_first():
+    space = make_space("per_layer", TIED_SMOLLM2, fill_to=[0.9], layer_order=range(29, -1, -1))
+    dense = SubnetConfig.dense(TIED_SMOLLM2)
+    budget = 0.9 * count_params(TIED_SMOLLM2, dense)
+    proposal = replace(dense, mlp=(1216,) * 2 + (1280,) * 28)
+    filled = space.filled(proposal)
+    assert 0 <= budget - count_params(TIED_SMOLLM2, filled) < 3 * 576 * 8
+    assert filled.mlp[28:] == (1288, 1288) and filled.mlp[:2] == (1216, 1216)
+    everywhere_low = space.filled(replace(dense, mlp=(1216,) * 30))
+    assert everywhere_low.mlp == (1272,) * 30
+    assert space.encode(space.coarse(everywhere_low)) == space.encode(replace(dense, mlp=(1216,) * 30))
+
+
+def test_filling_leaves_dense_mlps_and_budget_less_spaces_alone():
+    dense = SubnetConfig.dense(SMOLLM2)
+    shallow = replace(dense, layers=dense.layers[:20], kv_heads=dense.kv_heads[:20],
+                      q_per_kv=dense.q_per_kv[:20], mlp=dense.mlp[:20])
+    assert make_space("per_layer", SMOLLM2, fill_to=[0.9]).filled(shallow) == shallow
+    narrow = replace(dense, mlp=(1216,) * 30)
+    assert make_space("per_layer", SMOLLM2).filled(narrow) == narrow
+    layers = make_space("layers", SMOLLM2)
+    assert layers.filled(shallow) == layers.coarse(shallow) == shallow
+    with pytest.raises(ValueError, match=r"per_layer space: fill_to: budget 0.0 must be a "
+                                         r"fraction of the dense parameters in \(0, 1\]"):
+        make_space("per_layer", SMOLLM2, fill_to=[0.9, 0.0])
+    with pytest.raises(ValueError, match=r"layers space: unknown bound\(s\) fill_to"):
+        make_space("layers", SMOLLM2, fill_to=[0.9])

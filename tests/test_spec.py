@@ -290,3 +290,15 @@ def test_lm_eval_tasks_produce_accuracy_metrics_under_their_own_names():
     spec = load_spec({"objectives": {"acc_arc_easy": "max", "acc_norm_piqa": "max", "params": "min"},
                       "evaluation": {"tasks": ["lm_eval:arc_easy", "piqa"]}})
     assert spec.evaluator_settings().tasks == ("lm_eval:arc_easy", "piqa")
+
+
+def test_fill_to_budgets_reach_the_space_and_are_checked() -> None:
+    spec = load_spec({"search_space": {"preset": "per_layer", "fill_to": [0.9, 0.5]}})
+    assert spec.search_space.bounds() == {"min_ratio": 0.25, "fill_to": [0.9, 0.5]}
+    assert load_spec(yaml.safe_load(spec.to_yaml())) == spec
+    for bad, message in (({"preset": "layers", "fill_to": [0.9]},
+                          "search_space.fill_to: the 'layers' preset has no bound fill_to"),
+                         ({"preset": "uniform", "fill_to": [1.5]},
+                          r"search_space.fill_to\[0\]: Input should be less than or equal to 1")):
+        with pytest.raises(SpecError, match=message):
+            load_spec({"search_space": bad})

@@ -17,7 +17,7 @@ from prunetune.orchestrator.fidelity import Fidelity
 from prunetune.orchestrator.results import ResultLog, make_row
 from prunetune.orchestrator.spec import Constraint, Spec, SpecError, load_spec
 from prunetune.orchestrator.surrogate import (
-    Surrogate, objective_limits, refit_due, spec_surrogate,
+    Surrogate, grid_features, objective_limits, refit_due, spec_surrogate,
 )
 from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.spaces import make_space
@@ -218,3 +218,14 @@ def test_a_searcher_saved_before_surrogates_existed_resumes_without_one(tmp_path
 ])
 def test_a_large_log_is_fitted_again_only_after_it_has_grown(fitted, rows, due) -> None:
     assert refit_due(fitted, rows) is due
+
+
+def test_a_filled_sub_network_has_the_features_of_the_grid_point_it_was_filled_from() -> None:
+    """Rows of a search with budgets hold filled sub-networks, off the grid; the surrogate
+    reads each as its proposal."""
+    space = make_space("per_layer", SMOLLM2_CONFIG, fill_to=[0.9])
+    proposal = space.decode({**space.encode(SubnetConfig.dense(SMOLLM2_CONFIG)),
+                             **{f"mlp_{i}": 1216 for i in range(30)}})
+    filled = space.filled(proposal)
+    assert filled != proposal
+    assert np.array_equal(grid_features(space, filled), grid_features(space, proposal))

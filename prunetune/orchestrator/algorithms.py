@@ -10,7 +10,9 @@ proposal into a trial only when it is new (not in the result log, not running no
 meets the constraints that can be checked before evaluation; anything else goes straight
 back to the algorithm (the stored result, or a failure) and the algorithm is asked again.
 So no configuration is evaluated twice — across resumes and across algorithms — and an
-infeasible one is never evaluated.
+infeasible one is never evaluated. What is checked, logged and evaluated is the proposal's
+sub-network as the space fills it to a budget (`SearchSpace.filled`, the proposal itself
+without `fill_to`); the algorithm is told that sub-network's result for its proposal.
 """
 
 from __future__ import annotations
@@ -279,7 +281,7 @@ class GuardedSearcher(Searcher):
             config, inner_id = self._propose()
             if config is None or config == Searcher.FINISHED:
                 return drawn, config
-            subnet = self.space.decode(config)
+            subnet = self.space.filled(self.space.decode(config))
             digest = subnet.config_hash()
             stored = self.log.lookup(digest, refresh=False)
             if stored is not None and self._unfinished_promotion(stored):

@@ -170,7 +170,7 @@ def warm_start_subnets(names: Sequence[str], space: SearchSpace,
     for name in names:
         check_baseline(name)
     d = space.dims
-    neuron_step = getattr(space, "neuron_step", 1)
+    neuron_step = space.neuron_step or 1
     embed_step = getattr(space, "embed_step", 1)
     dense_params = count_params(d, SubnetConfig.dense(d))
     out: list[SubnetConfig] = []

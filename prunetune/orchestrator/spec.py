@@ -144,7 +144,15 @@ class SparsitySpec(_Section):
 
 
 class SearchSpaceSpec(_Section):
-    """The preset and its bounds (see `prunetune.search_spaces.spaces`)."""
+    """The preset and its bounds (see `prunetune.search_spaces.spaces`).
+
+    `fill_to` (uniform, per_layer, disp): parameter budgets as fractions of the dense
+    model, e.g. [0.9, 0.8]. Each proposal is evaluated with its MLPs widened in fine steps
+    (8 neurons on SmolLM2) toward the smallest budget at or above its parameters, within
+    its grid step, so sub-networks land on the budgets (within one fine step where the
+    MLPs have room) while the algorithm searches the grid it searched before. Unset (the
+    default): proposals are evaluated as proposed.
+    """
 
     preset: Literal["layers", "uniform", "per_layer", "disp"] = "uniform"
     min_layers: int | None = Field(None, ge=1)
@@ -152,6 +160,7 @@ class SearchSpaceSpec(_Section):
     neuron_step: int | None = Field(None, ge=1)
     embed_step: int | None = Field(None, ge=1)
     sparsity: SparsitySpec | None = None
+    fill_to: list[Annotated[float, Field(gt=0, le=1)]] | None = None
 
     @model_validator(mode="after")
     def _bounds_fit_preset(self) -> "SearchSpaceSpec":

@@ -45,8 +45,9 @@ Costs = Callable[[SubnetConfig], Mapping[str, float]]
 
 
 def grid_features(space: SearchSpace, subnet: SubnetConfig) -> np.ndarray:
-    """A sub-network as its search parameters, each its position on its grid in [0, 1]."""
-    config = space.encode(subnet)
+    """A sub-network as its search parameters, each its position on its grid in [0, 1]; a
+    sub-network filled to a budget (`SearchSpace.filled`) as the grid point it was filled from."""
+    config = space.encode(space.coarse(subnet))
     return np.array([values.index(config[name]) / max(len(values) - 1, 1)
                      for name, values in space.choices().items()], dtype=float)
 

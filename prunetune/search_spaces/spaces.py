@@ -31,6 +31,15 @@ Shared conventions of all presets:
   every kept layer (parameter `sparsity`), as they have one width; `per_layer` has one
   per layer (`sparsity_i`), as it has its heads and neurons. Level 0 (dense weights) is
   always a choice, so the dense model stays in every space.
+- Filling to budgets (optional, `uniform`, `per_layer` and `disp`, `fill_to=(0.9, 0.8)`):
+  the grid is what a searcher sees, and the sub-network evaluated for a proposal is
+  `filled(decode(config))`: its MLPs widened in fine steps (`neuron_step / 8` neurons:
+  8 on SmolLM2) toward the smallest budget, a fraction of the dense model's parameters,
+  at or above its own. A width never reaches the next grid width, so `coarse` maps the
+  evaluated sub-network back to the proposal: each evaluated sub-network is one grid
+  point, and a grid point's parameters come within one fine step of a budget whenever its
+  MLPs have the room (`fill`). The number of parameters and values a searcher sees is
+  that of the grid without filling.
 
 This module imports neither torch nor Ray at import time: `param_space` imports
 `ray.tune` when called.
@@ -48,6 +57,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.dims import ModelDims
 from prunetune.search_spaces.subnet import (
     SPARSITY_METHODS, Channels, Sparsity, SubnetConfig, level_error, parse_pattern,
@@ -56,6 +66,9 @@ from prunetune.search_spaces.subnet import (
 _PREFERRED_STEP = 64
 _MIN_GRID_POINTS = 8
 _FLOAT_TOLERANCE = 1e-9
+FILL_DIVISIONS = 8
+"""Fine widths per MLP grid step that filling to a budget chooses from: SmolLM2's steps of
+64 neurons fill in steps of 8, which keeps 16-bit matrix shapes aligned for tensor cores."""
 
 Rng = random.Random | np.random.Generator
 
@@ -91,6 +104,11 @@ def scaled_width(ratio: float, full: int, step: int) -> int:
     if ratio >= 1.0:
         return full
     return min(full, max(step, step * math.floor(ratio * full / step + 0.5)))
+
+
+def fill_step(neuron_step: int) -> int:
+    """Neurons one fill step adds to an MLP: `neuron_step / FILL_DIVISIONS`, at least 1."""
+    return max(1, neuron_step // FILL_DIVISIONS)
 
 
 def ratio_grid(min_ratio: float, ratio_step: float) -> list[float]:
@@ -182,6 +200,10 @@ class SearchSpace(ABC):
     name: ClassVar[str]
     per_layer_sparsity: ClassVar[bool] = False
     """Whether each layer has its own sparsity level (`sparsity_i`) or all share one."""
+    neuron_step: int | None = None
+    """MLP widths are multiples of it (or dense); None where a preset keeps MLPs dense."""
+    fill_to: tuple[float, ...] = ()
+    """Parameter budgets, as fractions of the dense model, that proposals are filled toward."""
 
     def __init__(
         self,
@@ -272,10 +294,16 @@ class SearchSpace(ABC):
         return float(value)
 
     def _set_width_bounds(
-        self, dims: ModelDims, min_ratio: float, neuron_step: int | None, embed_step: int | None
+        self, dims: ModelDims, min_ratio: float, neuron_step: int | None, embed_step: int | None,
+        fill_to: Sequence[float],
     ) -> None:
         """Check and keep the bounds of the presets that prune widths."""
         self.min_ratio = self._check_ratio("min_ratio", min_ratio)
+        for budget in fill_to:
+            if not 0.0 < budget <= 1.0:
+                raise self._error(f"fill_to: budget {budget} must be a fraction of the dense "
+                                  "parameters in (0, 1]")
+        self.fill_to = tuple(sorted({float(b) for b in fill_to}))
         self.neuron_step = self._check_step(
             "neuron_step", neuron_step, dims.intermediate_size, "intermediate_size"
         )
@@ -334,6 +362,58 @@ class SearchSpace(ABC):
         """A sub-network drawn uniformly per parameter, as a random searcher would."""
         pick = _picker(rng)
         return self.decode({name: pick(values) for name, values in self._choices.items()})
+
+    def filled(self, subnet: SubnetConfig) -> SubnetConfig:
+        """The sub-network evaluated for a proposal: `fill` toward the smallest `fill_to`
+        budget at or above its parameters; the proposal itself above every budget or
+        without budgets."""
+        if not self.fill_to:
+            return subnet
+        dense = count_params(self.dims, SubnetConfig.dense(self.dims))
+        params = count_params(self.dims, subnet)
+        budget = next((b * dense for b in self.fill_to if b * dense >= params), None)
+        return subnet if budget is None else self.fill(subnet, budget)
+
+    def fill(self, subnet: SubnetConfig, max_params: float) -> SubnetConfig:
+        """`subnet` with its MLPs widened in steps of `fill_step` neurons while its
+        parameters stay within `max_params`: round after round, one step to each kept
+        layer (most important first, by `layer_order`) whose step fits and keeps its
+        width below the next grid width (`coarse` undoes it). So the result is within one
+        step of `max_params` unless every MLP has reached the top of its grid cell."""
+        if self.neuron_step is None:
+            return subnet
+        step = fill_step(self.neuron_step)
+        mlp = list(subnet.mlp)
+        params = count_params(self.dims, subnet)
+        costs = [count_params(self.dims, replace(subnet, mlp=tuple(
+            w + step if j == i else w for j, w in enumerate(mlp)))) - params
+            for i in range(len(mlp))]
+        tops = [self._next_mlp_width(w) for w in mlp]
+        kept = {layer: i for i, layer in enumerate(subnet.layers)}
+        order = [kept[layer] for layer in self.layer_order if layer in kept]
+        grown = True
+        while grown:
+            grown = False
+            for i in order:
+                if mlp[i] + step < tops[i] and params + costs[i] <= max_params:
+                    mlp[i] += step
+                    params += costs[i]
+                    grown = True
+        return replace(subnet, mlp=tuple(mlp))
+
+    def coarse(self, subnet: SubnetConfig) -> SubnetConfig:
+        """The grid sub-network that `filled` widened to `subnet`: each MLP width down to
+        the grid (a grid sub-network is its own)."""
+        full, step = self.dims.intermediate_size, self.neuron_step
+        if step is None:
+            return subnet
+        return replace(subnet, mlp=tuple(w if w >= full else w // step * step
+                                         for w in subnet.mlp))
+
+    def _next_mlp_width(self, width: int) -> int:
+        """The grid's next MLP width above `width` (the dense width for itself)."""
+        full, step = self.dims.intermediate_size, self.neuron_step
+        return full if width >= full else min(full, (width // step + 1) * step)
 
     def decode(self, trial_config: Mapping[str, Any]) -> SubnetConfig:
         """The validated sub-network of a trial config; keys of other parameters are ignored."""
@@ -430,9 +510,10 @@ class UniformSpace(SearchSpace):
         neuron_step: int | None = None,
         embed_step: int | None = None,
         sparsity: SparsityGrid | Mapping[str, Any] | None = None,
+        fill_to: Sequence[float] = (),
     ) -> None:
         dims = ModelDims.of(model_config)
-        self._set_width_bounds(dims, min_ratio, neuron_step, embed_step)
+        self._set_width_bounds(dims, min_ratio, neuron_step, embed_step, fill_to)
         self.ratio_step = self._check_ratio("ratio_step", ratio_step)
         super().__init__(dims, min_layers=min_layers, layer_order=layer_order, sparsity=sparsity)
 
@@ -485,9 +566,10 @@ class PerLayerSpace(SearchSpace):
         neuron_step: int | None = None,
         embed_step: int | None = None,
         sparsity: SparsityGrid | Mapping[str, Any] | None = None,
+        fill_to: Sequence[float] = (),
     ) -> None:
         dims = ModelDims.of(model_config)
-        self._set_width_bounds(dims, min_ratio, neuron_step, embed_step)
+        self._set_width_bounds(dims, min_ratio, neuron_step, embed_step, fill_to)
         super().__init__(dims, min_layers=min_layers, layer_order=layer_order, sparsity=sparsity)
 
     def _build_choices(self) -> dict[str, list[Any]]:
