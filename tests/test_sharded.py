@@ -207,9 +207,9 @@ def test_tp_refuses_heads_that_do_not_split_over_the_ranks() -> None:
         check_divisible(tiny_config("llama", **CONFIG), 4)
 
 
-def test_tp_slicing_computes_only_the_kept_heads_and_neurons() -> None:
+def test_tp_slicing_computes_only_the_kept_heads_neurons_and_channels() -> None:
     """One rank of one: the sliced forward equals the masked one, and every projection of a
-    kept layer multiplies only its kept rows or columns while the layer runs."""
+    kept layer multiplies only its kept rows and columns while the layer runs."""
     from prunetune.evaluators.sharded.tp import sliced_evaluation, striped_slices
     from prunetune.evaluators.surgery import apply_masks
     from prunetune.search_spaces.dims import ModelDims
@@ -217,19 +217,21 @@ def test_tp_slicing_computes_only_the_kept_heads_and_neurons() -> None:
     model = random_model(tiny_config("llama", **CONFIG), seed=3).eval()
     d = ModelDims.from_config(model.config)
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
-    subnet = SUBNETS["mixed"]
     shapes = {}
     layer = model.model.layers[0]
     for name, module in (("q", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj),
-                         ("gate", layer.mlp.gate_proj), ("down", layer.mlp.down_proj)):
+                         ("gate", layer.mlp.gate_proj), ("down", layer.mlp.down_proj),
+                         ("head", model.lm_head)):
         module.register_forward_pre_hook(
             lambda m, args, name=name: shapes.__setitem__(name, tuple(m.weight.shape)))
-    with torch.no_grad(), apply_masks(model, subnet):
-        masked = model(ids).logits
-    with torch.no_grad(), sliced_evaluation(model, subnet, striped_slices(d, 0, 1), d):
-        sliced = model(ids).logits
-    torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-5)
-    kept_rows = 1 * 2 * d.head_dim  # layer 0 keeps 1 group of 2 query heads, 20 neurons
-    assert shapes == {"q": (kept_rows, 48), "o": (48, kept_rows), "gate": (20, 48),
-                      "down": (48, 20)}
+    for subnet in SUBNETS.values():
+        with torch.no_grad(), apply_masks(model, subnet):
+            masked = model(ids).logits
+        with torch.no_grad(), sliced_evaluation(model, subnet, striped_slices(d, 0, 1), d):
+            sliced = model(ids).logits
+        torch.testing.assert_close(sliced, masked, rtol=1e-4, atol=1e-4)
+    # the last, "mixed": layer 0 keeps 1 group of 2 query heads, 20 neurons, 32 channels
+    rows = 1 * 2 * d.head_dim
+    assert shapes == {"q": (rows, 32), "o": (32, rows), "gate": (20, 32), "down": (32, 20),
+                      "head": (d.vocab_size, 32)}
     assert tuple(layer.self_attn.q_proj.weight.shape) == (d.num_heads * d.head_dim, 48)

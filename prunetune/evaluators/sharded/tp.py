@@ -177,9 +177,10 @@ def kept_locally(positions: torch.Tensor, keep: int) -> int:
 @contextmanager
 def sliced_evaluation(model: nn.Module, subnet: SubnetConfig, slices: InputSlices,
                       d: ModelDims) -> Iterator[nn.Module]:
-    """The rank's model computing `subnet`: kept layers run with their kept heads and
-    neurons only; removed layers, removed embedding channels, and a layer of which this
-    rank keeps no heads (or no neurons) are masks."""
+    """The rank's model computing `subnet` with its own widths: the residual stream cut to
+    the kept embedding channels, each kept layer with its kept heads and neurons only.
+    Removed layers, and the heads (or neurons) of a layer of which this rank keeps none,
+    are masks."""
     a = adapter_for(model)
     layers = model.get_submodule(a.layers)
     group_positions = slices.heads[::d.q_per_kv * d.head_dim] // (d.q_per_kv * d.head_dim)
@@ -189,14 +190,18 @@ def sliced_evaluation(model: nn.Module, subnet: SubnetConfig, slices: InputSlice
             kv, q, m = subnet.kv_heads[j], subnet.q_per_kv[j], subnet.mlp[j]
             groups = kept_locally(group_positions, kv)
             neurons = kept_locally(slices.neurons, m)
-            sliced = _LayerSlices(groups if groups else None, q, neurons if neurons else None)
+            sliced = _LayerSlices(groups if groups else None, q, neurons if neurons else None,
+                                  subnet.embed)
             if groups:
                 masked_widths[0][j], masked_widths[1][j] = d.num_kv_heads, d.q_per_kv
             if neurons:
                 masked_widths[2][j] = d.intermediate_size
             stack.enter_context(_sliced_layer(layers[i], a, d, sliced))
+        if subnet.embed < d.hidden_size:
+            stack.enter_context(_narrow_stream(model, a, subnet.embed))
         masks = replace(subnet, kv_heads=tuple(masked_widths[0]),
-                        q_per_kv=tuple(masked_widths[1]), mlp=tuple(masked_widths[2]))
+                        q_per_kv=tuple(masked_widths[1]), mlp=tuple(masked_widths[2]),
+                        embed=d.hidden_size)
         stack.enter_context(apply_masks(model, masks, slices))
         yield model
 
@@ -204,82 +209,100 @@ def sliced_evaluation(model: nn.Module, subnet: SubnetConfig, slices: InputSlice
 @dataclass(frozen=True)
 class _LayerSlices:
     """What one rank computes of one kept layer: its first `groups` key-value groups with
-    `q` query heads each (None: its heads are masked), its first `neurons` (None: masked)."""
+    `q` query heads each (None: all, its heads masked), its first `neurons` (None: all,
+    masked), on the first `embed` residual channels."""
 
     groups: int | None
     q: int
     neurons: int | None
+    embed: int
 
 
-def _kept_query_rows(d: ModelDims, groups: int, q: int) -> torch.Tensor | slice:
-    """The rank's query rows of its first `groups` groups, `q` heads each: a prefix when
-    every head of a group is kept."""
+Part = tuple[nn.Module, str, torch.Tensor]
+"""A module, the name of one of its parameters, and the part of it to compute with."""
+
+
+def _part(module: nn.Module, name: str, rows: torch.Tensor | slice,
+          columns: slice = slice(None)) -> list[Part]:
+    """The `rows` (and, of a matrix, `columns`) of this rank's part of a parameter; a view
+    unless `rows` is an index; nothing for a missing bias."""
+    param = module._parameters.get(name)
+    if param is None:
+        return []
+    local = local_part(param)
+    kept = local[rows.to(local.device)] if isinstance(rows, torch.Tensor) else local[rows]
+    return [(module, name, kept[:, columns] if kept.dim() == 2 else kept)]
+
+
+def _kept_query_rows(d: ModelDims, groups: int | None, q: int) -> torch.Tensor | slice:
+    """The rank's query rows of its first `groups` groups, `q` heads each (all for None): a
+    prefix when every head of a group is kept."""
+    if groups is None:
+        return slice(None)
     if q == d.q_per_kv:
         return slice(0, groups * q * d.head_dim)
     heads = (torch.arange(groups)[:, None] * d.q_per_kv + torch.arange(q)).reshape(-1)
     return (heads[:, None] * d.head_dim + torch.arange(d.head_dim)).reshape(-1)
 
 
-def _layer_parts(layer: nn.Module, a: Adapter, d: ModelDims,
-                 kept: _LayerSlices) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """The kept part of each of the layer's split weights (and biases), as views where the
-    kept part is a prefix: (module, parameter name, tensor)."""
+def _layer_parts(layer: nn.Module, a: Adapter, d: ModelDims, kept: _LayerSlices) -> list[Part]:
+    """The part of each of the layer's weights that computes its kept heads, neurons and
+    residual channels."""
     attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
-    parts: list[tuple[nn.Module, str, torch.Tensor]] = []
-
-    def rows(module: nn.Module, index: torch.Tensor | slice) -> None:
-        for name in ("weight", "bias"):
-            param = module._parameters.get(name)
-            if param is not None:
-                local = local_part(param)
-                parts.append((module, name, local[index.to(local.device)
-                                                  if isinstance(index, torch.Tensor) else index]))
-
-    def columns(module: nn.Module, index: torch.Tensor | slice) -> None:
-        local = local_part(module.weight)
-        part = local[:, index.to(local.device) if isinstance(index, torch.Tensor) else index]
-        parts.append((module, "weight", part))
-
-    if kept.groups is not None:
-        query = _kept_query_rows(d, kept.groups, kept.q)
-        rows(attn.get_submodule(a.q), query)
-        for name in (a.k, a.v):
-            rows(attn.get_submodule(name), slice(0, kept.groups * d.head_dim))
-        columns(attn.get_submodule(a.o), query)
-    if kept.neurons is not None:
-        for name in (a.gate, a.up):
-            rows(mlp.get_submodule(name), slice(0, kept.neurons))
-        columns(mlp.get_submodule(a.down), slice(0, kept.neurons))
+    channels = slice(0, kept.embed)
+    query = _kept_query_rows(d, kept.groups, kept.q)
+    kv = slice(None) if kept.groups is None else slice(0, kept.groups * d.head_dim)
+    neurons = slice(None) if kept.neurons is None else slice(0, kept.neurons)
+    readers = ((attn, a.q, query), (attn, a.k, kv), (attn, a.v, kv),
+               (mlp, a.gate, neurons), (mlp, a.up, neurons))
+    parts: list[Part] = []
+    for parent, name, rows in readers:
+        module = parent.get_submodule(name)
+        parts += _part(module, "weight", rows, channels) + _part(module, "bias", rows)
+    for parent, name, columns in ((attn, a.o, query), (mlp, a.down, neurons)):
+        module = parent.get_submodule(name)
+        if isinstance(columns, torch.Tensor):
+            local = local_part(module.weight)
+            parts.append((module, "weight", local[channels][:, columns.to(local.device)]))
+        else:
+            parts += _part(module, "weight", channels, columns)
+        parts += _part(module, "bias", channels)
+    for name in (a.input_norm, a.post_attn_norm):
+        parts += _part(layer.get_submodule(name), "weight", channels)
     return parts
+
+
+@contextmanager
+def _swapped(parts: list[Part]) -> Iterator[None]:
+    """Each module computing with its part of the parameter instead of the whole."""
+    originals = [(module, name, module._parameters[name]) for module, name, _ in parts]
+    try:
+        for module, name, part in parts:
+            module._parameters[name] = part
+        yield
+    finally:
+        for module, name, original in reversed(originals):
+            module._parameters[name] = original
 
 
 @contextmanager
 def _sliced_layer(layer: nn.Module, a: Adapter, d: ModelDims,
                   kept: _LayerSlices) -> Iterator[None]:
-    """While `layer` runs, its split projections hold only their kept rows or columns
-    (made when it starts, dropped when it ends, so at most one layer's gathered copies
-    exist), and its attention repeats each key-value head for `q` query heads."""
+    """While `layer` runs, its weights hold only their kept rows and columns (made when it
+    starts, dropped when it ends, so at most one layer's gathered copies exist), and its
+    attention repeats each key-value head for `q` query heads."""
     attn = layer.get_submodule(a.attn)
-    originals: list[tuple[nn.Module, str, Any]] = []
-
-    def restore() -> None:
-        while originals:
-            module, name, value = originals.pop()
-            if name == "num_key_value_groups":
-                setattr(module, name, value)
-            else:
-                module._parameters[name] = value
+    running = ExitStack()
 
     def install(module: nn.Module, args: Any) -> None:
-        for owner, name, part in _layer_parts(layer, a, d, kept):
-            originals.append((owner, name, owner._parameters[name]))
-            owner._parameters[name] = part
+        running.enter_context(_swapped(_layer_parts(layer, a, d, kept)))
         if kept.groups is not None:
-            originals.append((attn, "num_key_value_groups", attn.num_key_value_groups))
+            groups = attn.num_key_value_groups
             attn.num_key_value_groups = kept.q
+            running.callback(setattr, attn, "num_key_value_groups", groups)
 
     def finish(module: nn.Module, args: Any, output: Any) -> None:
-        restore()
+        running.close()
 
     handles = [layer.register_forward_pre_hook(install), layer.register_forward_hook(finish)]
     try:
@@ -287,4 +310,24 @@ def _sliced_layer(layer: nn.Module, a: Adapter, d: ModelDims,
     finally:
         for handle in handles:
             handle.remove()
-        restore()
+        running.close()
+
+
+@contextmanager
+def _narrow_stream(model: nn.Module, a: Adapter, embed: int) -> Iterator[None]:
+    """The residual stream cut to its first `embed` channels: the embedding's output, the
+    final norm and the LM head's input (views)."""
+    channels = slice(0, embed)
+    head = model.get_submodule(a.lm_head)
+    parts = (_part(model.get_submodule(a.final_norm), "weight", channels)
+             + _part(head, "weight", slice(None), channels))
+
+    def narrow(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output[..., :embed]
+
+    handle = model.get_submodule(a.embed).register_forward_hook(narrow)
+    try:
+        with _swapped(parts):
+            yield
+    finally:
+        handle.remove()
