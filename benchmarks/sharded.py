@@ -7,8 +7,7 @@ build the evaluators, evaluations per hour, tokens scored per second per GPU, an
 FLOP rates per GPU: the FLOPs the sub-networks need (`search_spaces.cost.forward_flops` of
 each evaluated sub-network), and the FLOPs evaluation executes, which is more: masks skip
 removed layers, but run every kept layer at full width (removed heads, neurons and
-channels are computed, then zeroed); `tp` runs kept layers with their kept heads and
-neurons, at the full embedding width.
+channels are computed, then zeroed); `tp` computes the sub-network's own widths only.
 
     python benchmarks/sharded.py --model tests/fixtures/configs/llama3-70b.json \\
         --layout zero3:2x1 --trials 20 --windows 64
@@ -79,12 +78,11 @@ def spec_for(args: argparse.Namespace, layout: Layout, run_dir: Path):
 
 def executed_work(config: dict, subnet: SubnetConfig, sharding: str) -> SubnetConfig:
     """What evaluation of `subnet` computes: masks run its kept layers at full width; `tp`
-    runs them with their kept heads and neurons, at the full embedding width."""
+    runs the sub-network's own widths."""
+    if sharding == "tp":
+        return subnet
     dense = SubnetConfig.dense(config)
     n = subnet.num_layers
-    if sharding == "tp":
-        return SubnetConfig(subnet.layers, subnet.kv_heads, subnet.q_per_kv, subnet.mlp,
-                            dense.embed)
     return SubnetConfig(subnet.layers, dense.kv_heads[:n], dense.q_per_kv[:n], dense.mlp[:n],
                         dense.embed)
 
