@@ -4,6 +4,7 @@ to one process, resumable."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -43,10 +44,11 @@ def local_ray():
     ray.shutdown()
 
 
-def build(device: torch.device, die_at_forward: int = 0,
+def build(device: torch.device, placement: str = "whole", die_at_forward: int = 0,
           marker: str = "") -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The test pair on one thread; with `die_at_forward`, the first worker of the first
-    attempt (no `marker` file yet) is killed at that student forward pass."""
+    """The test pair on one thread, the teacher whole; with `die_at_forward`, the first
+    worker of the first attempt (no `marker` file yet) is killed at that student forward
+    pass."""
     torch.set_num_threads(1)
     teacher, student = pair()
     if die_at_forward and not os.path.exists(marker) and int(os.environ.get("RANK", 0)) == 0:
@@ -80,6 +82,48 @@ def test_two_gloo_workers_train_what_one_process_does(tmp_path: Path, zero_stage
     torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-7)
     trained = torch.load(tmp_path / "student.pt", weights_only=True)
     torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
+
+
+def partitioned_build(folder: str, shares: str, device: torch.device,
+                      placement: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The test pair, its teacher loaded partitioned from `folder` (the whole teacher saved
+    there); at every teacher pass, each worker writes to `shares`-<rank> the elements of
+    the teacher that its partitions hold and the teacher's elements."""
+    from prunetune.evaluators.sharded.zero3 import load_sharded
+
+    torch.set_num_threads(1)
+    teacher = load_sharded(folder, torch.float32)
+
+    def record(*_: object) -> None:
+        held = sum(p.ds_tensor.numel() for p in teacher.parameters())
+        whole = sum(p.ds_numel for p in teacher.parameters())
+        Path(f"{shares}-{os.environ['RANK']}").write_text(json.dumps([held, whole]))
+
+    teacher.model.embed_tokens.register_forward_hook(record)
+    return teacher, pair()[1].to(device)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_a_partitioned_teacher_trains_what_a_whole_one_does(tmp_path: Path,
+                                                           zero_stage: int) -> None:
+    teacher, alone = pair()
+    teacher.save_pretrained(tmp_path / "teacher")
+    reference = distill(teacher, alone, windows(), QUICK)
+
+    workers = WorkerSettings(workers=2, storage=str(tmp_path / "ray"), name="partitioned",
+                             use_gpu=False, zero_stage=zero_stage, teacher="partitioned")
+    build = functools.partial(partitioned_build, str(tmp_path / "teacher"),
+                              str(tmp_path / "shares"))
+    result = distill_on_workers(build, windows(), QUICK, workers,
+                                finish=functools.partial(save_to, tmp_path / "student.pt"))
+    assert result.steps == reference.steps == 12
+    torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-7)
+    trained = torch.load(tmp_path / "student.pt", weights_only=True)
+    torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
+    whole = sum(p.numel() for p in teacher.parameters())
+    for rank in (0, 1):
+        held, counted = json.loads((tmp_path / f"shares-{rank}").read_text())
+        assert counted == whole and whole / 2 <= held < whole / 2 * 1.01
 
 
 def killed_then_resumed(tmp_path: Path, storage: str, zero_stage: int,

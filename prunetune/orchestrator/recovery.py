@@ -115,9 +115,9 @@ def save_recovered(student: nn.Module, subnet: SubnetConfig, tokenizer: Any,
 
 
 def dense_and_student(evaluator_settings: EvaluatorSettings, subnet: SubnetConfig,
-                      device: Any) -> tuple[nn.Module, nn.Module]:
+                      device: Any, placement: str) -> tuple[nn.Module, nn.Module]:
     """A distillation worker's teacher (the dense model, loaded and sorted as the run's
-    evaluator does, on the worker's current device) and its float32 student."""
+    evaluator does, on the worker's current device, whole) and its float32 student."""
     evaluator = Evaluator(replace(evaluator_settings, tasks=()), f"distil-{subnet.config_hash()[:8]}")
     return evaluator.model, extract(evaluator.model, subnet, evaluator.input_norms).float()
 
