@@ -6,8 +6,7 @@ cut from it (every layer, `--mlp` of the MLP neurons and `--kv` of the KV heads)
 placement of `--teacher`, ZeRO stage of `--zero`, micro-batch size of `--micro-batch` and
 worker count of `--workers`. A "partitioned" teacher is built partitioned over the
 workers' GPUs (`zero3.build_random_sharded`: no worker, and no host memory, ever holds it
-whole) and its student has the sub-network's shapes with random weights, built on the
-GPU. Every
+whole), and its student is cut out of it one gathered layer at a time. Every
 worker runs one micro-batch per optimizer step, so N workers train on N times the windows
 per step (weak scaling, as data parallelism is used). Prints student tokens per second
 (steps after the first three), the speed-up over the first worker count of the same stage
@@ -37,15 +36,13 @@ from pathlib import Path
 import torch
 
 from prunetune.evaluators.model import random_model
-from prunetune.evaluators.sharded.zero3 import build_random_sharded
-from prunetune.evaluators.surgery import extract, random_subnet_model
+from prunetune.evaluators.sharded.zero3 import build_random_sharded, extract_partitioned
+from prunetune.evaluators.surgery import extract
 from prunetune.search_spaces import SubnetConfig
 from prunetune.search_spaces.cost import count_params
 from prunetune.training.distill import distill
-from prunetune.training.distributed import (
-    TEACHER_PLACEMENTS, ZERO_STAGES, WorkerSettings, distill_on_workers,
-)
-from prunetune.training.settings import DistillSettings
+from prunetune.training.distributed import ZERO_STAGES, WorkerSettings, distill_on_workers
+from prunetune.training.settings import TEACHER_PLACEMENTS, DistillSettings
 
 GOAL = 1.8
 """The issue's goal for two GPUs' tokens/s over one's."""
@@ -64,15 +61,15 @@ def narrowed(config, mlp: float, kv: float) -> SubnetConfig:
 def random_pair(config_path: str, subnet: SubnetConfig, device: torch.device,
                 placement: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A teacher built on the worker's device (bf16 on GPU), whole or partitioned over the
-    workers, and its float32 student: cut from a whole teacher, or of the sub-network's
-    shapes with random weights beside a partitioned one."""
+    workers, and its float32 student cut from it (one gathered layer at a time when
+    partitioned)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(config_path)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if placement == "partitioned":
         teacher = build_random_sharded(config, dtype, device)
-        student = random_subnet_model(config, subnet, torch.float32, device)
+        student = extract_partitioned(teacher, subnet).float()
     else:
         teacher = random_model(config, seed=0, dtype=dtype, device=device)
         student = extract(teacher, subnet).float()

@@ -35,7 +35,7 @@ from prunetune.training.distill import (
     DistillResult, StepLog, check_inputs, checkpoint_due, cosine_schedule, freeze,
     progress_bar, train_step,
 )
-from prunetune.training.settings import ZERO_STAGES, DistillSettings
+from prunetune.training.settings import TEACHER_PLACEMENTS, ZERO_STAGES, DistillSettings
 
 Build = Callable[[torch.device, str], tuple[nn.Module, nn.Module]]
 """Makes (teacher, student) on a worker's device, the teacher placed as the second argument
@@ -171,7 +171,6 @@ REDUCE_BUCKET_ELEMENTS = 2**25
 """Gradient elements DeepSpeed reduces at a time (ZeRO 1 to 3, on GPU): small enough that
 a 100M-parameter student's reduction overlaps its backward pass in a few buckets."""
 FINISHED_FILE = "result.json"
-TEACHER_PLACEMENTS = ("whole", "partitioned")
 
 
 @dataclass(frozen=True)
