@@ -6,17 +6,18 @@ cut from it (every layer, `--mlp` of the MLP neurons and `--kv` of the KV heads)
 placement of `--teacher`, ZeRO stage of `--zero`, micro-batch size of `--micro-batch` and
 worker count of `--workers`. A "partitioned" teacher is built partitioned over the
 workers' GPUs (`zero3.build_random_sharded`: no worker, and no host memory, ever holds it
-whole), and its student is cut out of it one gathered layer at a time. Every
-worker runs one micro-batch per optimizer step, so N workers train on N times the windows
-per step (weak scaling, as data parallelism is used). Prints student tokens per second
-(steps after the first three), the speed-up over the first worker count of the same stage
-and micro-batch (the issue's goal: at least 1.8 on two GPUs), and the peak GPU memory of a
-worker. `--cpu` runs the same on CPU processes (gloo) with a config small enough for
-them, to check the script without a GPU. With `--single`, the same pair also trains in this process with
-`training.distill.distill` (no Ray, no DeepSpeed), and the speed-ups over it are printed
-too. With an 8B teacher and a student whose training state (16 bytes a parameter) does not
-fit one GPU, the one-GPU run fails for memory and the table says so. The JSON report is
-rewritten after every run, so a run cut short keeps what it measured.
+whole), and its student is cut out of it one gathered layer at a time. Every worker runs
+one micro-batch per optimizer step, so N workers train on N times the windows per step
+(weak scaling, as data parallelism is used). Prints student tokens per second (steps after
+the first three), the speed-up over the first worker count of the same teacher placement,
+stage and micro-batch (the issue's goal: at least 1.8 on two GPUs), and the peak GPU
+memory of the first worker since its models were built. With `--single`, the same pair
+also trains in this process with `training.distill.distill` (no Ray, no DeepSpeed), and
+the speed-ups over it are printed too. With an 8B teacher and a student whose training
+state (16 bytes a parameter) does not fit one GPU, the one-GPU run fails for memory and
+the table says so. `--cpu` runs the same on CPU processes (gloo), to check the script
+without a GPU (with small windows: `--seq-len 32 --micro-batch 1 --steps 4`). The JSON
+report is rewritten after every run, so a run cut short keeps what it measured.
 
     python benchmarks/distill_workers.py [--config tests/fixtures/configs/smollm2-135m.json]
         [--teacher whole partitioned] [--workers 1 2] [--zero 0 2] [--mlp 0.5] [--kv 0.5] [--seq-len 512]
@@ -78,10 +79,11 @@ def random_pair(config_path: str, subnet: SubnetConfig, device: torch.device,
     return teacher, student
 
 
-def peak_memory(_: torch.nn.Module) -> None:
-    """Print the first worker's peak GPU memory (read by the driver from the log)."""
+def peak_memory(path: str, _: torch.nn.Module) -> None:
+    """Write the first worker's peak GPU memory since its models were built, in GiB, to
+    `path` (the driver reads it: one host)."""
     if torch.cuda.is_initialized():
-        print(f"PEAK_GIB {torch.cuda.max_memory_allocated() / 2**30:.2f}", flush=True)
+        Path(path).write_text(f"{torch.cuda.max_memory_allocated() / 2**30:.2f}")
 
 
 def one_count(args: argparse.Namespace, config, subnet: SubnetConfig, placement: str,
@@ -90,8 +92,10 @@ def one_count(args: argparse.Namespace, config, subnet: SubnetConfig, placement:
     settings = worker_settings(args, micro_batch, workers)
     windows = torch.randint(0, config.vocab_size,
                             (settings.steps * settings.windows_per_step, args.seq_len))
+    storage = tempfile.mkdtemp(prefix="distill-")
+    peak_file = Path(storage) / "peak_gib"
     placement_settings = WorkerSettings(
-        workers=workers, storage=tempfile.mkdtemp(prefix="distill-"),
+        workers=workers, storage=storage,
         name=f"{placement}-z{zero}-m{micro_batch}-w{workers}", use_gpu=not args.cpu,
         zero_stage=zero, teacher=placement)
     build = functools.partial(random_pair, str(args.config.resolve()), subnet)
@@ -99,11 +103,12 @@ def one_count(args: argparse.Namespace, config, subnet: SubnetConfig, placement:
            "workers": workers}
     try:
         result = distill_on_workers(build, windows, settings, placement_settings,
-                                    finish=peak_memory)
+                                    finish=functools.partial(peak_memory, str(peak_file)))
     except RuntimeError as exc:
         return {**row, "error": str(exc)[:300]}
+    peak = float(peak_file.read_text()) if peak_file.is_file() else None
     return {**row, "steps": result.steps, "tokens_per_s": result.tokens_per_s,
-            "first_loss": result.losses[0], "last_loss": result.losses[-1]}
+            "first_loss": result.losses[0], "last_loss": result.losses[-1], "peak_gib": peak}
 
 
 def worker_settings(args: argparse.Namespace, micro_batch: int, workers: int) -> DistillSettings:
@@ -152,6 +157,8 @@ def summary(row: dict) -> str:
     if "error" in row:
         return head + "failed: " + row["error"]
     line = head + f"{row['tokens_per_s']:,.0f} tok/s"
+    if row["peak_gib"] is not None:
+        line += f", peak {row['peak_gib']:.1f} GiB on the first GPU"
     if "speedup" in row:
         line += f", {row['speedup']:.2f}x over the first worker count (goal >= {GOAL} for 2)"
     if "speedup_over_single" in row:
