@@ -51,17 +51,23 @@ def build(device: torch.device, placement: str = "whole", die_at_forward: int = 
     pass."""
     torch.set_num_threads(1)
     teacher, student = pair()
-    if die_at_forward and not os.path.exists(marker) and int(os.environ.get("RANK", 0)) == 0:
+    die_at(student, die_at_forward, marker)
+    return teacher.to(device), student.to(device)
+
+
+def die_at(student: torch.nn.Module, forward: int, marker: str) -> None:
+    """With `forward`, the first worker of the first attempt (no `marker` file yet) is
+    killed at that student forward pass."""
+    if forward and not os.path.exists(marker) and int(os.environ.get("RANK", 0)) == 0:
         calls = [0]
 
         def count(*_: object) -> None:
             calls[0] += 1
-            if calls[0] == die_at_forward:
+            if calls[0] == forward:
                 Path(marker).touch()
                 os._exit(9)
 
         student.model.embed_tokens.register_forward_hook(count)
-    return teacher.to(device), student.to(device)
 
 
 def save_to(path: Path, student: torch.nn.Module) -> None:
@@ -84,11 +90,13 @@ def test_two_gloo_workers_train_what_one_process_does(tmp_path: Path, zero_stage
     torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
 
 
-def partitioned_build(folder: str, shares: str, device: torch.device,
-                      placement: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+def partitioned_build(folder: str, shares: str, device: torch.device, placement: str,
+                      die_at_forward: int = 0,
+                      marker: str = "") -> tuple[torch.nn.Module, torch.nn.Module]:
     """The test pair, its teacher loaded partitioned from `folder` (the whole teacher saved
     there); at every teacher pass, each worker writes to `shares`-<rank> the elements of
-    the teacher that its partitions hold and the teacher's elements."""
+    the teacher that its partitions hold and the teacher's elements. `die_at_forward` and
+    `marker` as for `build`."""
     from prunetune.evaluators.sharded.zero3 import load_sharded
 
     torch.set_num_threads(1)
@@ -100,7 +108,9 @@ def partitioned_build(folder: str, shares: str, device: torch.device,
         Path(f"{shares}-{os.environ['RANK']}").write_text(json.dumps([held, whole]))
 
     teacher.model.embed_tokens.register_forward_hook(record)
-    return teacher, pair()[1].to(device)
+    student = pair()[1]
+    die_at(student, die_at_forward, marker)
+    return teacher, student.to(device)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
@@ -127,14 +137,21 @@ def test_a_partitioned_teacher_trains_what_a_whole_one_does(tmp_path: Path,
 
 
 def killed_then_resumed(tmp_path: Path, storage: str, zero_stage: int,
-                        stored: Callable[[], object] = lambda: True) -> tuple:
+                        stored: Callable[[], object] = lambda: True,
+                        teacher: str = "whole") -> tuple:
     """A 2-worker run killed in step 7, then started again; `stored()` is checked in
     between (that the checkpoints reached the storage). The resumed run must end where
-    one process does. Returns the run's workers, build, finish and result."""
+    one process does. With `teacher` "partitioned", the teacher is partitioned over the
+    workers. Returns the run's workers, build, finish and result."""
     marker = tmp_path / "killed"
-    dying = functools.partial(build, die_at_forward=7, marker=str(marker))
+    made = build
+    if teacher == "partitioned":
+        pair()[0].save_pretrained(tmp_path / "teacher")
+        made = functools.partial(partitioned_build, str(tmp_path / "teacher"),
+                                 str(tmp_path / "shares"))
+    dying = functools.partial(made, die_at_forward=7, marker=str(marker))
     workers = WorkerSettings(workers=2, storage=storage, name="killed",
-                             use_gpu=False, zero_stage=zero_stage)
+                             use_gpu=False, zero_stage=zero_stage, teacher=teacher)
     finish = functools.partial(save_to, tmp_path / "student.pt")
     with pytest.raises(RuntimeError, match="failed"):
         distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
@@ -153,11 +170,12 @@ def killed_then_resumed(tmp_path: Path, storage: str, zero_stage: int,
     return workers, dying, finish, result
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path,
-                                                              zero_stage: int) -> None:
+@pytest.mark.parametrize("zero_stage, teacher", [(0, "whole"), (2, "whole"),
+                                                  (2, "partitioned")])
+def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path, zero_stage: int,
+                                                              teacher: str) -> None:
     workers, dying, finish, result = killed_then_resumed(tmp_path, str(tmp_path / "ray"),
-                                                         zero_stage)
+                                                         zero_stage, teacher=teacher)
     (tmp_path / "student.pt").unlink()
     again = distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
     assert again == result and not (tmp_path / "student.pt").exists()
