@@ -139,10 +139,35 @@ def test_recover_on_two_workers_exports_the_distilled_point(tiny_run, tmp_path, 
                      "--tokens", "1024", "--seq-len", "32", "--workers", "2"]) == 0
     finally:
         ray.shutdown()
-    assert "distilled on 1,024 tokens of gutenberg by 2 workers (ZeRO-0)" in capsys.readouterr().out
+    assert ("distilled on 1,024 tokens of gutenberg by 2 workers (ZeRO-0, teacher whole)"
+            in capsys.readouterr().out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == front.iloc[pick]["params"]
     assert (out / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_recover_with_a_partitioned_teacher_exports_what_one_process_does(tiny_run, tmp_path,
+                                                                          capsys) -> None:
+    pick = len(pd.read_parquet(tiny_run / "run" / "front.parquet")) - 1
+    common = ["recover", str(tiny_run / "run"), "--pick", str(pick), "--tokens", "1024",
+              "--seq-len", "32"]
+    assert main([*common, "--out", str(tmp_path / "alone")]) == 0
+    try:
+        assert main([*common, "--out", str(tmp_path / "partitioned"), "--workers", "2",
+                     "--teacher", "partitioned"]) == 0
+    finally:
+        ray.shutdown()
+    assert "by 2 workers (ZeRO-0, teacher partitioned)" in capsys.readouterr().out
+    alone = AutoModelForCausalLM.from_pretrained(tmp_path / "alone").state_dict()
+    partitioned = AutoModelForCausalLM.from_pretrained(tmp_path / "partitioned").state_dict()
+    torch.testing.assert_close(partitioned, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_a_partitioned_teacher_needs_several_workers(tiny_run, tmp_path, capsys) -> None:
+    assert main(["recover", str(tiny_run / "run"), "--pick", "0", "--out", str(tmp_path / "r"),
+                 "--teacher", "partitioned"]) == 2
+    assert "--teacher partitioned partitions the teacher" in capsys.readouterr().err
 
 
 def test_train_supernet_writes_a_model_a_spec_can_name(tiny_run, tmp_path, capfd) -> None:

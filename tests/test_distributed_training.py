@@ -4,6 +4,7 @@ to one process, resumable."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -43,23 +44,30 @@ def local_ray():
     ray.shutdown()
 
 
-def build(device: torch.device, die_at_forward: int = 0,
+def build(device: torch.device, placement: str = "whole", die_at_forward: int = 0,
           marker: str = "") -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The test pair on one thread; with `die_at_forward`, the first worker of the first
-    attempt (no `marker` file yet) is killed at that student forward pass."""
+    """The test pair on one thread, the teacher whole; with `die_at_forward`, the first
+    worker of the first attempt (no `marker` file yet) is killed at that student forward
+    pass."""
     torch.set_num_threads(1)
     teacher, student = pair()
-    if die_at_forward and not os.path.exists(marker) and int(os.environ.get("RANK", 0)) == 0:
+    die_at(student, die_at_forward, marker)
+    return teacher.to(device), student.to(device)
+
+
+def die_at(student: torch.nn.Module, forward: int, marker: str) -> None:
+    """With `forward`, the first worker of the first attempt (no `marker` file yet) is
+    killed at that student forward pass."""
+    if forward and not os.path.exists(marker) and int(os.environ.get("RANK", 0)) == 0:
         calls = [0]
 
         def count(*_: object) -> None:
             calls[0] += 1
-            if calls[0] == die_at_forward:
+            if calls[0] == forward:
                 Path(marker).touch()
                 os._exit(9)
 
         student.model.embed_tokens.register_forward_hook(count)
-    return teacher.to(device), student.to(device)
 
 
 def save_to(path: Path, student: torch.nn.Module) -> None:
@@ -82,15 +90,68 @@ def test_two_gloo_workers_train_what_one_process_does(tmp_path: Path, zero_stage
     torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
 
 
+def partitioned_build(folder: str, shares: str, device: torch.device, placement: str,
+                      die_at_forward: int = 0,
+                      marker: str = "") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The test pair, its teacher loaded partitioned from `folder` (the whole teacher saved
+    there); at every teacher pass, each worker writes to `shares`-<rank> the elements of
+    the teacher that its partitions hold and the teacher's elements. `die_at_forward` and
+    `marker` as for `build`."""
+    from prunetune.evaluators.sharded.zero3 import load_sharded
+
+    torch.set_num_threads(1)
+    teacher = load_sharded(folder, torch.float32)
+
+    def record(*_: object) -> None:
+        held = sum(p.ds_tensor.numel() for p in teacher.parameters())
+        whole = sum(p.ds_numel for p in teacher.parameters())
+        Path(f"{shares}-{os.environ['RANK']}").write_text(json.dumps([held, whole]))
+
+    teacher.model.embed_tokens.register_forward_hook(record)
+    student = pair()[1]
+    die_at(student, die_at_forward, marker)
+    return teacher, student.to(device)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_a_partitioned_teacher_trains_what_a_whole_one_does(tmp_path: Path,
+                                                           zero_stage: int) -> None:
+    teacher, alone = pair()
+    teacher.save_pretrained(tmp_path / "teacher")
+    reference = distill(teacher, alone, windows(), QUICK)
+
+    workers = WorkerSettings(workers=2, storage=str(tmp_path / "ray"), name="partitioned",
+                             use_gpu=False, zero_stage=zero_stage, teacher="partitioned")
+    build = functools.partial(partitioned_build, str(tmp_path / "teacher"),
+                              str(tmp_path / "shares"))
+    result = distill_on_workers(build, windows(), QUICK, workers,
+                                finish=functools.partial(save_to, tmp_path / "student.pt"))
+    assert result.steps == reference.steps == 12
+    torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-7)
+    trained = torch.load(tmp_path / "student.pt", weights_only=True)
+    torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
+    whole = sum(p.numel() for p in teacher.parameters())
+    for rank in (0, 1):
+        held, counted = json.loads((tmp_path / f"shares-{rank}").read_text())
+        assert counted == whole and whole / 2 <= held < whole / 2 * 1.01
+
+
 def killed_then_resumed(tmp_path: Path, storage: str, zero_stage: int,
-                        stored: Callable[[], object] = lambda: True) -> tuple:
+                        stored: Callable[[], object] = lambda: True,
+                        teacher: str = "whole") -> tuple:
     """A 2-worker run killed in step 7, then started again; `stored()` is checked in
     between (that the checkpoints reached the storage). The resumed run must end where
-    one process does. Returns the run's workers, build, finish and result."""
+    one process does. With `teacher` "partitioned", the teacher is partitioned over the
+    workers. Returns the run's workers, build, finish and result."""
     marker = tmp_path / "killed"
-    dying = functools.partial(build, die_at_forward=7, marker=str(marker))
+    made = build
+    if teacher == "partitioned":
+        pair()[0].save_pretrained(tmp_path / "teacher")
+        made = functools.partial(partitioned_build, str(tmp_path / "teacher"),
+                                 str(tmp_path / "shares"))
+    dying = functools.partial(made, die_at_forward=7, marker=str(marker))
     workers = WorkerSettings(workers=2, storage=storage, name="killed",
-                             use_gpu=False, zero_stage=zero_stage)
+                             use_gpu=False, zero_stage=zero_stage, teacher=teacher)
     finish = functools.partial(save_to, tmp_path / "student.pt")
     with pytest.raises(RuntimeError, match="failed"):
         distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
@@ -109,11 +170,12 @@ def killed_then_resumed(tmp_path: Path, storage: str, zero_stage: int,
     return workers, dying, finish, result
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path,
-                                                              zero_stage: int) -> None:
+@pytest.mark.parametrize("zero_stage, teacher", [(0, "whole"), (2, "whole"),
+                                                  (2, "partitioned")])
+def test_a_killed_worker_run_resumes_from_its_last_checkpoint(tmp_path: Path, zero_stage: int,
+                                                              teacher: str) -> None:
     workers, dying, finish, result = killed_then_resumed(tmp_path, str(tmp_path / "ray"),
-                                                         zero_stage)
+                                                         zero_stage, teacher=teacher)
     (tmp_path / "student.pt").unlink()
     again = distill_on_workers(dying, windows(), QUICK, workers, finish=finish)
     assert again == result and not (tmp_path / "student.pt").exists()

@@ -1,10 +1,14 @@
-"""The ZeRO stage that training on several workers takes when none is named."""
+"""The ZeRO stage that training on several workers takes when none is named, and where
+the teacher is placed."""
 
 from __future__ import annotations
 
 import pytest
 
-from prunetune.training.distributed import WorkerSettings, choose_zero_stage, state_bytes
+from prunetune.evaluators.model import random_model, tiny_config
+from prunetune.training.distributed import (
+    WorkerSettings, choose_zero_stage, partitioned_teacher, state_bytes,
+)
 
 BILLION = 1_000_000_000
 
@@ -33,3 +37,15 @@ def test_workers_choose_unless_a_stage_is_named() -> None:
     assert WorkerSettings(workers=2, storage="/tmp/x", name="n").zero_stage is None
     with pytest.raises(ValueError, match="zero_stage must be one of"):
         WorkerSettings(workers=2, storage="/tmp/x", name="n", zero_stage=4)
+
+
+def test_the_teacher_is_whole_unless_partitioned_is_asked_for() -> None:
+    assert WorkerSettings(workers=2, storage="/tmp/x", name="n").teacher == "whole"
+    assert WorkerSettings(workers=2, storage="/tmp/x", name="n", teacher="partitioned")
+    with pytest.raises(ValueError, match="teacher must be one of"):
+        WorkerSettings(workers=2, storage="/tmp/x", name="n", teacher="halved")
+
+
+def test_a_teacher_built_whole_is_refused_as_partitioned() -> None:
+    with pytest.raises(ValueError, match="teacher: partitioned, but the build made"):
+        partitioned_teacher(random_model(tiny_config()))

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -440,42 +440,74 @@ def _skeleton(model_config: Any, subnet: SubnetConfig, dtype: torch.dtype) -> nn
     return model
 
 
+Gather = Callable[[list[nn.Parameter]], AbstractContextManager[Any]]
+"""Makes parameters whole inside its block (ZeRO-3's `GatheredParameters`); for a model
+held whole, `nullcontext`."""
+
+
+def held_whole(params: list[nn.Parameter]) -> AbstractContextManager[Any]:
+    """The `Gather` of a model held whole: its parameters already are."""
+    return nullcontext()
+
+
 def _sliced_state(model: nn.Module, subnet: SubnetConfig,
-                  input_norms: InputNorms | None = None) -> dict[str, torch.Tensor]:
+                  input_norms: InputNorms | None = None,
+                  gather: Gather = held_whole) -> dict[str, torch.Tensor]:
     """The kept part of every weight, keyed by the extracted model's parameter names, with
-    the sub-network's weight sparsity applied."""
+    the sub-network's weight sparsity applied; each part of the model (the residual
+    tables, then each kept layer) is read inside `gather` of its parameters."""
     d = ModelDims.from_config(model.config)
     a = adapter_for(model)
     e = subnet.embed
     layers = model.get_submodule(a.layers)
-    state = {
-        f"{a.embed}.weight": model.get_submodule(a.embed).weight[:, :e],
-        f"{a.final_norm}.weight": model.get_submodule(a.final_norm).weight[:e],
-    }
+    tables = [model.get_submodule(a.embed).weight, model.get_submodule(a.final_norm).weight]
     if not d.tie_word_embeddings:
-        state[f"{a.lm_head}.weight"] = model.get_submodule(a.lm_head).weight[:, :e]
+        tables.append(model.get_submodule(a.lm_head).weight)
+    with gather(tables):
+        sliced = {f"{a.embed}.weight": tables[0][:, :e], f"{a.final_norm}.weight": tables[1][:e]}
+        if not d.tie_word_embeddings:
+            sliced[f"{a.lm_head}.weight"] = tables[2][:, :e]
+        state = _copies(sliced)
     levels = subnet.sparsity.levels if subnet.sparsity else (0.0,) * subnet.num_layers
     device = next(model.parameters()).device
     for new_i, (old_i, kv, q, m, level) in enumerate(zip(subnet.layers, subnet.kv_heads,
                                                          subnet.q_per_kv, subnet.mlp, levels)):
-        prefix = f"{a.layers}.{new_i}."
         layer = layers[old_i]
-        channels = layer_channels(subnet, new_i, input_norms, device)
-        for norm, index in ((a.input_norm, channels.attn_read),
-                            (a.post_attn_norm, channels.mlp_read)):
-            state[f"{prefix}{norm}.weight"] = layer.get_submodule(norm).weight[index]
-        if subnet.channels is not None:
-            state.update({f"{prefix}{path}.channels": index for path, index in (
-                (a.input_norm, channels.attn_read), (f"{a.attn}.{a.o}", channels.attn_write),
-                (a.post_attn_norm, channels.mlp_read), (f"{a.mlp}.{a.down}", channels.mlp_write))})
-        for name, block in kept_blocks(layer, a, d, channels, kv, q, m).items():
-            weight = block.weight()
-            if level > 0:
-                weight = weight * block_keep(block, name, subnet.sparsity, level, input_norms,
-                                             a, old_i)
-            state[f"{prefix}{block.path}.weight"] = weight
-            if block.linear.bias is not None:
-                state[f"{prefix}{block.path}.bias"] = block.linear.bias.index_select(0, block.rows)
+        with gather(list(layer.parameters())):
+            state.update(_copies(_layer_state(layer, a, d, subnet, new_i, old_i, kv, q, m,
+                                              level, input_norms, device)))
+    return state
+
+
+def _layer_state(layer: nn.Module, a: Adapter, d: ModelDims, subnet: SubnetConfig,
+                 new_i: int, old_i: int, kv: int, q: int, m: int, level: float,
+                 input_norms: InputNorms | None,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """The kept part of layer `old_i`'s weights, named as layer `new_i` of the extracted
+    model."""
+    prefix = f"{a.layers}.{new_i}."
+    channels = layer_channels(subnet, new_i, input_norms, device)
+    state = {}
+    for norm, index in ((a.input_norm, channels.attn_read),
+                        (a.post_attn_norm, channels.mlp_read)):
+        state[f"{prefix}{norm}.weight"] = layer.get_submodule(norm).weight[index]
+    if subnet.channels is not None:
+        state.update({f"{prefix}{path}.channels": index for path, index in (
+            (a.input_norm, channels.attn_read), (f"{a.attn}.{a.o}", channels.attn_write),
+            (a.post_attn_norm, channels.mlp_read), (f"{a.mlp}.{a.down}", channels.mlp_write))})
+    for name, block in kept_blocks(layer, a, d, channels, kv, q, m).items():
+        weight = block.weight()
+        if level > 0:
+            weight = weight * block_keep(block, name, subnet.sparsity, level, input_norms,
+                                         a, old_i)
+        state[f"{prefix}{block.path}.weight"] = weight
+        if block.linear.bias is not None:
+            state[f"{prefix}{block.path}.bias"] = block.linear.bias.index_select(0, block.rows)
+    return state
+
+
+def _copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of their own (a slice of a gathered weight is freed with it)."""
     return {k: v.detach().clone() for k, v in state.items()}
 
 
@@ -494,16 +526,18 @@ def _materialize(model: nn.Module, state: dict[str, torch.Tensor], device: torch
     return model.eval()
 
 
-def extract(model: nn.Module, subnet: SubnetConfig,
-            input_norms: InputNorms | None = None) -> nn.Module:
+def extract(model: nn.Module, subnet: SubnetConfig, input_norms: InputNorms | None = None,
+            gather: Gather = held_whole) -> nn.Module:
     """A new, physically smaller model computing `subnet`; the original is left untouched.
 
     Weight sparsity is written into the copy as zeros (Wanda's scores need `input_norms`,
-    those of the permuted model)."""
+    those of the permuted model). A model partitioned over several ranks is read one part
+    at a time inside `gather` (`zero3.extract_partitioned`)."""
     subnet.validate(model.config)
     weight = next(model.parameters())
     skeleton = _skeleton(model.config, subnet, weight.dtype)
-    extracted = _materialize(skeleton, _sliced_state(model, subnet, input_norms), weight.device)
+    extracted = _materialize(skeleton, _sliced_state(model, subnet, input_norms, gather),
+                             weight.device)
     extracted.prunetune_subnet = subnet
     return extracted
 

@@ -14,7 +14,8 @@ import pandas as pd
 from prunetune.orchestrator.console import LOG_FILE, quiet_output
 from prunetune.orchestrator.spec import Spec, SpecError, default_spec, load_spec
 from prunetune.training.settings import (
-    DEFAULT_TRAINING_TEXT, STRATEGIES, ZERO_STAGES, DistillSettings, SupernetSettings,
+    DEFAULT_TRAINING_TEXT, STRATEGIES, TEACHER_PLACEMENTS, ZERO_STAGES, DistillSettings,
+    SupernetSettings,
 )
 
 DISTILL = DistillSettings()
@@ -90,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
                               "DeepSpeed ZeRO), the run's Ray cluster or a local one")
     recover.add_argument("--zero", default="auto", choices=ZERO_CHOICES,
                          help=f"with --workers: {ZERO_HELP}")
+    recover.add_argument("--teacher", default="whole", choices=TEACHER_PLACEMENTS,
+                         help="with --workers: the dense teacher whole on every GPU (the "
+                              "default), or partitioned over them (ZeRO-3: each holds 1/N of "
+                              "it), for a teacher that does not fit one GPU")
     recover.add_argument("--verbose", action="store_true", help=f"with --front: {VERBOSE_HELP}")
 
     supernet = sub.add_parser(
@@ -307,6 +312,9 @@ def _recover_settings(args: argparse.Namespace) -> DistillSettings:
     if args.workers < 1 or (args.front and args.workers > 1):
         raise ValueError(f"--workers {args.workers}: a positive count, with --pick "
                          "(--front trains each point on one of the run's evaluators' devices)")
+    if args.teacher != "whole" and args.workers < 2:
+        raise ValueError(f"--teacher {args.teacher} partitions the teacher over the workers: "
+                         "give --workers N of 2 or more")
     return DistillSettings(tokens=args.tokens, seq_len=args.seq_len, lora_rank=args.lora)
 
 
@@ -337,9 +345,9 @@ def _recover_on_workers(args: argparse.Namespace, settings: DistillSettings) -> 
 
     subnet, params = _front_pick(args.run_dir, args.pick)
     result = recover_on_workers(args.run_dir, subnet, settings, args.data, args.out,
-                                args.workers, _zero_stage(args.zero))
+                                args.workers, _zero_stage(args.zero), args.teacher)
     print(f"distilled on {result.tokens:,} tokens of {args.data} by {args.workers} workers "
-          f"(ZeRO-{result.zero_stage}) in "
+          f"(ZeRO-{result.zero_stage}, teacher {args.teacher}) in "
           f"{result.seconds:.0f} s: loss {result.losses[0]:.4g} -> {result.final_loss:.4g}")
     print(_saved(Path(args.out), subnet, params))
     return 0

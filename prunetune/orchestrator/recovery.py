@@ -23,10 +23,12 @@ from typing import Any
 
 import pandas as pd
 import ray
+import torch
 from torch import nn
 
 from tqdm import tqdm
 
+from prunetune.evaluators.contract import DTYPES
 from prunetune.evaluators.evaluator import Evaluator
 from prunetune.evaluators.model import load_tokenizer
 from prunetune.evaluators.settings import EvaluatorSettings
@@ -115,20 +117,39 @@ def save_recovered(student: nn.Module, subnet: SubnetConfig, tokenizer: Any,
 
 
 def dense_and_student(evaluator_settings: EvaluatorSettings, subnet: SubnetConfig,
-                      device: Any) -> tuple[nn.Module, nn.Module]:
+                      device: Any, placement: str) -> tuple[nn.Module, nn.Module]:
     """A distillation worker's teacher (the dense model, loaded and sorted as the run's
-    evaluator does, on the worker's current device) and its float32 student."""
+    evaluator does, on the worker's current device) and its float32 student; the teacher
+    whole, or partitioned over the workers (`placement`)."""
+    if placement == "partitioned":
+        return partitioned_dense_and_student(evaluator_settings, subnet, device)
     evaluator = Evaluator(replace(evaluator_settings, tasks=()), f"distil-{subnet.config_hash()[:8]}")
     return evaluator.model, extract(evaluator.model, subnet, evaluator.input_norms).float()
 
 
+def partitioned_dense_and_student(evaluator_settings: EvaluatorSettings, subnet: SubnetConfig,
+                                  device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """The dense model partitioned over the workers (ZeRO-3), sorted by the run's cached
+    importance scores, and the float32 student cut out of it one gathered layer at a time,
+    whole on every worker."""
+    from prunetune.evaluators.sharded.rank import from_rank0
+    from prunetune.evaluators.sharded.zero3 import extract_partitioned, load_sorted_partitioned
+
+    teacher, scores = load_sorted_partitioned(
+        evaluator_settings, DTYPES[evaluator_settings.dtype], device,
+        partial(from_rank0, device=device), writer=torch.distributed.get_rank() == 0)
+    input_norms = None if scores is None else scores.input_norms
+    return teacher, extract_partitioned(teacher, subnet, input_norms).float()
+
+
 def recover_on_workers(run_dir: str, subnet: SubnetConfig, settings: DistillSettings,
                        data: str, out: str | Path, workers: int,
-                       zero_stage: int | None = None) -> DistillResult:
+                       zero_stage: int | None = None, teacher: str = "whole") -> DistillResult:
     """Distil one sub-network of a run on `workers` Ray Train workers (one GPU each when
-    the cluster has GPUs) with DeepSpeed ZeRO `zero_stage` (None: the workers choose), and
-    write it with its tokenizer to `out`;
-    its checkpoints go to `out/checkpoint`, where a run started again resumes."""
+    the cluster has GPUs) with DeepSpeed ZeRO `zero_stage` (None: the workers choose), the
+    teacher whole on every worker or partitioned over them (`teacher`), and write it with
+    its tokenizer to `out`; its checkpoints go to `out/checkpoint`, where a run started
+    again resumes."""
     from prunetune.training.distributed import WorkerSettings, distill_on_workers
 
     spec = run_spec(run_dir)
@@ -142,7 +163,7 @@ def recover_on_workers(run_dir: str, subnet: SubnetConfig, settings: DistillSett
     connect_for(spec)
     placement = WorkerSettings(workers=workers, storage=str(out / CHECKPOINT_DIR),
                                name="distill", use_gpu=ray.cluster_resources().get("GPU", 0) > 0,
-                               zero_stage=zero_stage)
+                               zero_stage=zero_stage, teacher=teacher)
     result = distill_on_workers(partial(dense_and_student, evaluator_settings, subnet), windows,
                                 settings, placement,
                                 finish=partial(save_extracted, subnet=subnet, out_dir=out))

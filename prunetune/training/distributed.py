@@ -10,7 +10,9 @@ weights too), and each optimizer step's windows are split between the workers
 where one would. Checkpoints (DeepSpeed's, with the progress) go to Ray Train's storage,
 a local folder or `s3://` / `gs://`, every `checkpoint_every` steps; a run started again
 with the same storage and name resumes from the last one and loses at most the steps
-since (and a finished run returns its result at once). The teacher is frozen and whole on every worker.
+since (and a finished run returns its result at once). The teacher is frozen, and whole on
+every worker, or partitioned over them (ZeRO-3 inference, `WorkerSettings.teacher`) for a
+teacher too large for one GPU.
 Super-network training (`supernet.SupernetJob`) is the other job.
 """
 
@@ -33,10 +35,13 @@ from prunetune.training.distill import (
     DistillResult, StepLog, check_inputs, checkpoint_due, cosine_schedule, freeze,
     progress_bar, train_step,
 )
-from prunetune.training.settings import ZERO_STAGES, DistillSettings
+from prunetune.training.settings import TEACHER_PLACEMENTS, ZERO_STAGES, DistillSettings
 
-Build = Callable[[torch.device], tuple[nn.Module, nn.Module]]
-"""Makes (teacher, student) on a worker's device; the student's parameters in float32."""
+Build = Callable[[torch.device, str], tuple[nn.Module, nn.Module]]
+"""Makes (teacher, student) on a worker's device, the teacher placed as the second argument
+says (`TEACHER_PLACEMENTS`): "whole", or "partitioned" over the workers as it is built
+(ZeRO-3: `zero3.load_sharded`, `zero3.build_random_sharded`); the student's parameters in
+float32."""
 
 Finish = Callable[[nn.Module], None]
 """Runs on the first worker with the trained student, whole (e.g. to export it)."""
@@ -66,18 +71,23 @@ class WorkerJob(Protocol):
 
 @dataclass
 class DistillJob:
-    """Distillation of the student from the teacher that `make` makes (`distill`'s step);
-    `done` gets the trained student."""
+    """Distillation of the student from the teacher that `make` makes (`distill`'s step),
+    the teacher whole or partitioned (`placement`); `done` gets the trained student."""
 
     make: Build
     done: Finish | None = None
+    placement: str = "whole"
     teacher: nn.Module | None = field(default=None, init=False)
+    teacher_engine: Any = field(default=None, init=False)
 
     def build(self, device: torch.device, windows: torch.Tensor,
               settings: DistillSettings) -> nn.Module:
-        self.teacher, student = self.make(device)
-        check_inputs(self.teacher, student, windows, settings)
-        freeze(self.teacher)
+        teacher, student = self.make(device, self.placement)
+        check_inputs(teacher, student, windows, settings)
+        freeze(teacher)
+        self.teacher = teacher
+        if self.placement == "partitioned":
+            self.teacher, self.teacher_engine = partitioned_teacher(teacher)
         return student
 
     def step(self, model: nn.Module, windows: torch.Tensor, settings: DistillSettings,
@@ -93,6 +103,61 @@ class DistillJob:
     def finish(self, model: nn.Module) -> None:
         if self.done is not None:
             self.done(model)
+
+
+class PartitionedTeacher(nn.Module):
+    """A ZeRO-3 partitioned teacher as the loss calls it (`hidden_states`, then its LM head
+    in chunks), under a top module for DeepSpeed's engine: every decoder pass is a call of
+    it, and so starts a new step of ZeRO-3's parameter fetching (DeepSpeed restarts its
+    trace of module calls, which its prefetching follows, at each call of the top module).
+    Every worker makes the same calls in the same order (each gathers a module's weights
+    from all workers), as every worker runs as many micro-batches of as many windows."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self) -> Any:
+        """The teacher's config."""
+        return self.model.config
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The decoder, as `hidden_states` calls it: this top module."""
+        return self
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The teacher's LM head."""
+        return self.model.get_output_embeddings()
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.model.base_model(**inputs)
+
+
+def partitioned_teacher(teacher: nn.Module) -> tuple[PartitionedTeacher, Any]:
+    """The teacher, partitioned over the workers as it was built, under DeepSpeed's ZeRO-3
+    inference engine (which gathers each module's weights for its forward pass and frees
+    them after); the engine is returned to be kept alive. Raises ValueError when the
+    teacher was built whole."""
+    if not is_partitioned(teacher):
+        raise ValueError("teacher: partitioned, but the build made the teacher whole; build "
+                         "it with zero3.load_sharded or zero3.build_random_sharded")
+    import deepspeed
+
+    from prunetune.evaluators.sharded.zero3 import zero3_config
+
+    top = PartitionedTeacher(teacher)
+    dtype = next(teacher.parameters()).dtype
+    engine, *_ = deepspeed.initialize(model=top, config=zero3_config(dtype),
+                                      dist_init_required=False)
+    return top, engine
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """Whether every parameter of `model` is a ZeRO-3 partition (built under zero.Init)."""
+    return all(hasattr(p, "ds_tensor") for p in model.parameters())
+
 
 CHECKPOINT_TAG = "state"
 AUTO_STAGES = (0, 2, 3)
@@ -120,19 +185,28 @@ class WorkerSettings:
     states over the workers, stage 2 the gradients too, stage 3 the weights too (for a
     model that does not fit one GPU). `zero_stage` None (the default) lets the workers
     choose the fastest stage whose training state fits their memory
-    (`choose_zero_stage`)."""
+    (`choose_zero_stage`).
+
+    `teacher` "whole" (the default) puts the whole frozen teacher on every worker;
+    "partitioned" splits its weights over the workers (ZeRO-3 inference: each worker holds
+    1/N of them, and every layer is gathered from all workers for its forward pass), for a
+    teacher that does not fit one GPU, at the cost of moving the teacher's weights between
+    the workers in every teacher pass."""
 
     workers: int
     storage: str
     name: str
     use_gpu: bool = True
     zero_stage: int | None = None
+    teacher: str = "whole"
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.zero_stage is not None and self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
+        if self.teacher not in TEACHER_PLACEMENTS:
+            raise ValueError(f"teacher must be one of {TEACHER_PLACEMENTS}, got {self.teacher!r}")
 
 
 def distill_on_workers(build: Build, windows: torch.Tensor, settings: DistillSettings,
@@ -142,7 +216,8 @@ def distill_on_workers(build: Build, windows: torch.Tensor, settings: DistillSet
     if settings.lora_rank:
         raise ValueError("distill.lora_rank: LoRA trains on one device; "
                          "use workers = 1 or full-parameter training")
-    return train_on_workers(DistillJob(build, finish), windows, settings, workers)
+    return train_on_workers(DistillJob(build, finish, workers.teacher), windows, settings,
+                            workers)
 
 
 def train_on_workers(job: WorkerJob, windows: torch.Tensor, settings: DistillSettings,
@@ -199,6 +274,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = worker_device()
+    os.environ.setdefault("DS_ACCELERATOR", device.type)
     student = job.build(device, windows, settings)
     torch.manual_seed(settings.seed)
     zero_stage = config["zero_stage"]
@@ -308,8 +384,8 @@ def deepspeed_config(settings: DistillSettings, zero_stage: int, world: int,
 
 def deepspeed_engine(student: nn.Module, settings: DistillSettings, zero_stage: int,
                      world: int) -> Any:
-    """DeepSpeed's engine over the student, with `distill`'s AdamW and schedule."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    """DeepSpeed's engine over the student, with `distill`'s AdamW and schedule (DeepSpeed
+    runs on the accelerator that `worker_loop` set, that of the worker's device)."""
     import deepspeed
 
     params = [p for p in student.parameters() if p.requires_grad]

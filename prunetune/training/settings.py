@@ -86,6 +86,10 @@ class DistillSettings:
 ZERO_STAGES = (0, 1, 2, 3)
 """The DeepSpeed ZeRO stages training on several workers can run with."""
 
+TEACHER_PLACEMENTS = ("whole", "partitioned")
+"""Where distillation on several workers holds the teacher: whole on every worker, or
+partitioned over them (ZeRO-3 inference)."""
+
 
 STRATEGIES = ("sandwich", "random", "random_linear", "ats", "standard")
 """Super-network training strategies (the seed method's library offers the same five)."""

@@ -33,6 +33,14 @@ HOLDINGS: dict[str, type[Holding]] = {"zero3": Zero3Holding, "tp": TensorParalle
                                       "autotp": AutoTPHolding}
 
 
+def from_rank0(value: Any, device: torch.device) -> Any:
+    """Rank 0's `value` on every rank of the process group, sent through `device` (the
+    rank's GPU under nccl, the CPU under gloo)."""
+    shared = [value]
+    torch.distributed.broadcast_object_list(shared, src=0, device=device)
+    return shared[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -90,10 +98,7 @@ class ShardRank:
 
     def from_rank0(self, value: Any) -> Any:
         """Rank 0's `value` on every rank."""
-        shared = [value]
-        device = self.device if self.backend == "nccl" else torch.device("cpu")
-        torch.distributed.broadcast_object_list(shared, src=0, device=device)
-        return shared[0]
+        return from_rank0(value, self.device if self.backend == "nccl" else torch.device("cpu"))
 
     def _held(self) -> dict[str, int]:
         """Parameter elements resident on this rank: partitions or tensor-parallel slices,

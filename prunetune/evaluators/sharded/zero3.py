@@ -4,26 +4,32 @@ Parameters are partitioned as the model is built (`deepspeed.zero.Init`), so no 
 holds the whole model; each rank scores its share of the evaluation windows and the loss
 sums are all-reduced. With `offload: cpu` the partitions live in host memory and stream
 to the device layer by layer. Weights are sorted by importance one gathered layer at a
-time, so that no rank holds more than one layer beyond its share.
+time, so that no rank holds more than one layer beyond its share. Distillation with the
+teacher partitioned over its workers (`training.distributed`) loads the dense model so too
+(`load_sorted_partitioned`) and cuts its student out of it one gathered part at a time
+(`extract_partitioned`).
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from prunetune.evaluators.contract import compute_scores, sorting_scores
+from prunetune.evaluators.contract import (
+    compute_scores, importance_cache_path, sorting_scores,
+)
 from prunetune.evaluators.importance import (
-    ImportanceScores, descending, in_model_order, permute_layer, reorder_, residual_tables,
+    ImportanceScores, InputNorms, descending, in_model_order, permute_layer, reorder_, residual_tables,
 )
 from prunetune.evaluators.model import is_config_file, resolve_source
 from prunetune.evaluators.perplexity import WindowLoss, logit_chunks
 from prunetune.evaluators.sharded.holding import Holding, RankContext
-from prunetune.evaluators.surgery import apply_masks
+from prunetune.evaluators.settings import EvaluatorSettings
+from prunetune.evaluators.surgery import apply_masks, extract
 from prunetune.search_spaces.dims import ModelDims, adapter_for
 from prunetune.search_spaces.subnet import SubnetConfig
 
@@ -101,6 +107,55 @@ def load_sharded(source: str, dtype: torch.dtype, offload: str = "none") -> nn.M
     return model.eval()
 
 
+def load_partitioned(source: str, dtype: torch.dtype, device: str | torch.device,
+                     offload: str = "none") -> nn.Module:
+    """The model of `source` partitioned over the group as it loads: a checkpoint
+    (`load_sharded`), or a config.json's random weights (`build_random_sharded`)."""
+    if is_config_file(source):
+        from transformers import AutoConfig
+
+        return build_random_sharded(AutoConfig.from_pretrained(source), dtype, device, offload)
+    return load_sharded(source, dtype, offload)
+
+
+def load_sorted_partitioned(settings: EvaluatorSettings, dtype: torch.dtype,
+                            device: torch.device, share: Callable[[Any], Any],
+                            writer: bool) -> tuple[nn.Module, ImportanceScores | None]:
+    """The dense model of `settings` as a zero3 evaluator holds it, partitioned and sorted
+    by importance, in a group that runs no evaluator (every rank calls it; `share` hands
+    the `writer` rank's value to all, as in `sorting_scores`). The scores must be cached
+    (or `importance: none`): computing them runs the model, which needs DeepSpeed's ZeRO-3
+    engine over it, and here the model's user makes that."""
+    model = load_partitioned(settings.model, dtype, device)
+    scores = sorting_scores(settings, lambda: uncached_scores(settings), share, writer)
+    if scores is not None:
+        permute_partitioned(model, scores)
+    return model, scores
+
+
+def uncached_scores(settings: EvaluatorSettings) -> ImportanceScores:
+    """Raise for importance scores that a partitioned model needs cached."""
+    raise ValueError(f"model {settings.model}: its importance scores are not cached "
+                     f"({importance_cache_path(settings)}); the run's search caches them, or "
+                     "`prunetune export` of one of its points on this machine")
+
+
+def gathered(params: list[nn.Parameter]) -> AbstractContextManager[Any]:
+    """ZeRO-3 parameters whole on every rank inside the block (a collective), partitioned
+    again after."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+def extract_partitioned(model: nn.Module, subnet: SubnetConfig,
+                        input_norms: InputNorms | None = None) -> nn.Module:
+    """`surgery.extract` of a ZeRO-3 model, whole on every rank (all ranks call it): the
+    residual tables, then each kept layer, are gathered and sliced one at a time, so no
+    rank holds more than one part of the model beyond its share and the sub-network."""
+    return extract(model, subnet, input_norms, gather=gathered)
+
+
 @torch.inference_mode()
 def permute_partitioned(model: nn.Module, scores: ImportanceScores) -> None:
     """`permute_model` for a ZeRO-3 model: the same permutation, one gathered part at a time.
@@ -129,19 +184,14 @@ class Zero3Holding(Holding):
     """The rank's partitions of a ZeRO-3 model, behind a DeepSpeed engine of `WindowLoss`."""
 
     def load(self, ctx: RankContext) -> Any:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         import deepspeed
 
         self.ctx = ctx
         source, offload = ctx.settings.model, ctx.sharding.offload
-        if is_config_file(source):
-            tokenizer = None
-            model = build_random_sharded(AutoConfig.from_pretrained(source), ctx.dtype,
-                                         ctx.device, offload)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = load_sharded(source, ctx.dtype, offload)
+        tokenizer = None if is_config_file(source) else AutoTokenizer.from_pretrained(source)
+        model = load_partitioned(source, ctx.dtype, ctx.device, offload)
         rows = ctx.settings.batch_size * (ctx.settings.seq_len - 1)
         chunks = logit_chunks(rows, model.config.vocab_size)
         self.loss = deepspeed.initialize(model=WindowLoss(model, chunks).eval(),
