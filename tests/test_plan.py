@@ -255,6 +255,41 @@ def test_auto_gpus_take_the_planned_groups_of_the_connected_cluster(monkeypatch)
     assert plan_resources(load_spec({})) == load_spec({})
 
 
+def test_an_unset_batch_is_the_largest_the_planned_group_holds(llama70b) -> None:
+    """`batch_size=None`: groups sized for one window, then the batch filling what is left."""
+    plan = plan_evaluators(llama70b, gpu_memory_gib=80, nodes=1, gpus_per_node=8,
+                           batch_size=None)
+    assert plan.gpus_per_evaluator == 2 and plan.batch_size == 3
+    assert plan.per_gpu_bytes <= 80 * GIB
+    wider = plan_evaluators(llama70b, 80, nodes=1, gpus_per_node=8, batch_size=4)
+    assert wider.gpus_per_evaluator == 4  # what batch 4 would have asked for instead
+    capped = plan_evaluators(config("llama3-8b"), 80, nodes=1, gpus_per_node=8,
+                             batch_size=None, max_batch=6)
+    assert capped.gpus_per_evaluator == 1 and capped.batch_size == 6
+
+
+def test_auto_batch_is_planned_with_the_groups(monkeypatch) -> None:
+    import prunetune.cluster.plan as plan_module
+    from prunetune.orchestrator.search import plan_resources
+    from prunetune.orchestrator.spec import load_spec
+
+    monkeypatch.setattr(plan_module, "cluster_gpus", lambda: (1, 4, 79.6))
+    spec = load_spec({"model": str(CONFIGS / "llama3-70b.json"), "dtype": "bfloat16",
+                      "evaluation": {"mode": "masked", "windows": 64, "seq_len": 2048},
+                      "resources": {"gpus_per_evaluator": "auto", "sharding": "tp"}})
+    assert spec.evaluation.batch_size == "auto" and spec.evaluator_settings().batch_size == 4
+    planned = plan_resources(spec)
+    assert planned.evaluation.batch_size == 3 and planned.resources.sharding == "tp"
+    assert planned.evaluator_settings().batch_size == 3
+    few = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(
+        update={"windows": 1})})
+    assert plan_resources(few).evaluation.batch_size == 1
+    fixed = load_spec({"model": str(CONFIGS / "llama3-70b.json"), "dtype": "bfloat16",
+                       "evaluation": {"mode": "masked", "batch_size": 1},
+                       "resources": {"gpus_per_evaluator": "auto"}})
+    assert plan_resources(fixed).evaluation.batch_size == 1
+
+
 def test_auto_gpus_on_a_cluster_without_gpus_says_so() -> None:
     import ray
 

@@ -59,6 +59,10 @@ RESERVED_BYTES = 2 * GIB
 # Memory the caching allocator holds beyond the working memory, as a share of it.
 FRAGMENTATION = 0.25
 
+MAX_BATCH = 16
+"""The largest batch the planner chooses: beyond it a forward pass is no faster per token
+on the GPUs measured (an H100 and an H200 reached their full rate at batch 4)."""
+
 @dataclass(frozen=True)
 class Plan:
     """The memory budget of one evaluator, and the evaluator groups a cluster holds."""
@@ -131,7 +135,8 @@ def plan_evaluators(
     gpus_per_node: int,
     dtype: str = "bfloat16",
     seq_len: int = 2048,
-    batch_size: int = 1,
+    batch_size: int | None = 1,
+    max_batch: int = MAX_BATCH,
 ) -> Plan:
     """Size the evaluator groups of a cluster of `nodes` × `gpus_per_node` GPUs.
 
@@ -139,26 +144,38 @@ def plan_evaluators(
     A group is the smallest power of two GPUs (1, 2, 4, ... up to a node), then whole
     nodes (multiples of `gpus_per_node`), whose GPUs together hold the weights with each
     GPU keeping working memory and headroom free. Groups that fit in a node never span
-    two nodes. Raises ValueError, naming the numbers, when not even the whole cluster
+    two nodes. A `batch_size` of None is chosen: the group is sized for batches of one,
+    then the batch is the largest up to `max_batch` whose working memory the group's GPUs
+    still hold. Raises ValueError, naming the numbers, when not even the whole cluster
     holds one copy.
     """
     _check_positive(gpu_memory_gib=gpu_memory_gib, nodes=nodes, gpus_per_node=gpus_per_node,
-                    seq_len=seq_len, batch_size=batch_size)
+                    seq_len=seq_len, batch_size=1 if batch_size is None else batch_size,
+                    max_batch=max_batch)
     dtype_bytes = _dtype_bytes(dtype)
     dims = ModelDims.from_config(model_config)
     dense = SubnetConfig.dense(dims)
     params = count_params(dims, dense)
     gpu_memory_bytes = int(gpu_memory_gib * GIB)
     weight_bytes = params * dtype_bytes
-    logits_bytes = logits_working_bytes(dims, seq_len, batch_size, dtype_bytes)
-    activation_bytes = activation_working_bytes(dims, dense, seq_len, batch_size, dtype_bytes)
-    working = logits_bytes + activation_bytes
-    headroom_bytes = headroom(working)
-    group = _smallest_group(weight_bytes, working, headroom_bytes, gpu_memory_bytes,
+
+    def working_at(batch: int) -> int:
+        return (logits_working_bytes(dims, seq_len, batch, dtype_bytes)
+                + activation_working_bytes(dims, dense, seq_len, batch, dtype_bytes))
+
+    working = working_at(batch_size or 1)
+    group = _smallest_group(weight_bytes, working, headroom(working), gpu_memory_bytes,
                             nodes, gpus_per_node)
     if group is None:
         raise ValueError(_no_fit_message(dims, params, dtype, weight_bytes, working,
-                                         headroom_bytes, gpu_memory_gib, nodes, gpus_per_node))
+                                         headroom(working), gpu_memory_gib, nodes, gpus_per_node))
+    if batch_size is None:
+        batch_size = max(b for b in range(1, max_batch + 1)
+                         if _per_gpu_bytes(weight_bytes, working_at(b), headroom(working_at(b)),
+                                           group) <= gpu_memory_bytes)
+    logits_bytes = logits_working_bytes(dims, seq_len, batch_size, dtype_bytes)
+    activation_bytes = activation_working_bytes(dims, dense, seq_len, batch_size, dtype_bytes)
+    headroom_bytes = headroom(logits_bytes + activation_bytes)
     return Plan(
         model_type=dims.model_type,
         params=params,

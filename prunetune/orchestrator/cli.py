@@ -396,7 +396,7 @@ def _plan(args: argparse.Namespace) -> int:
         spec: Spec = load_spec(path)
         config = load_config_file(model_config_path(spec.model))
         dtype, seq_len = spec.dtype, spec.evaluation.seq_len
-        batch = spec.evaluation.batch_size
+        batch = None if spec.evaluation.batch_size == "auto" else spec.evaluation.batch_size
     else:
         config, dtype, seq_len, batch = load_config_file(path), "bfloat16", 2048, 1
     plan = plan_evaluators(config, gpu_memory_gib=args.gpu_memory, nodes=args.nodes,

@@ -67,23 +67,29 @@ def connect_for(spec: Spec, num_cpus: int | None = None) -> None:
 def plan_resources(spec: Spec) -> Spec:
     """The spec with `gpus_per_evaluator: auto` replaced by the planner's group size and
     evaluator count for the connected cluster (ZeRO-3 sharding where a group needs several
-    GPUs and the spec names no mode); other specs are returned unchanged."""
-    r = spec.resources
+    GPUs and the spec names no mode), and `evaluation.batch_size: auto` by the largest
+    batch the group's memory holds (at most the windows); other specs are returned
+    unchanged."""
+    r, e = spec.resources, spec.evaluation
     if r.gpus_per_evaluator != "auto":
         return spec
-    from prunetune.cluster.plan import cluster_gpus, load_config_file, model_config_path, plan_evaluators
+    from prunetune.cluster.plan import (
+        MAX_BATCH, cluster_gpus, load_config_file, model_config_path, plan_evaluators,
+    )
 
     nodes, gpus_per_node, memory_gib = cluster_gpus()
     plan = plan_evaluators(load_config_file(model_config_path(spec.model)), memory_gib, nodes,
-                           gpus_per_node, spec.dtype, spec.evaluation.seq_len,
-                           spec.evaluation.batch_size)
+                           gpus_per_node, spec.dtype, e.seq_len,
+                           None if e.batch_size == "auto" else e.batch_size,
+                           max_batch=min(MAX_BATCH, e.windows))
     say(plan.describe())
     sharding = r.sharding
     if plan.gpus_per_evaluator > 1 and sharding == "none":
         sharding = "zero3"
     resources = r.model_copy(update={"gpus_per_evaluator": plan.gpus_per_evaluator,
                                      "evaluators": plan.evaluators, "sharding": sharding})
-    return spec.model_copy(update={"resources": resources})
+    evaluation = e.model_copy(update={"batch_size": plan.batch_size})
+    return spec.model_copy(update={"resources": resources, "evaluation": evaluation})
 
 
 def build_space(spec: Spec, model_config: dict[str, Any], layer_order: list[int] | None) -> SearchSpace:

@@ -271,13 +271,18 @@ class EvaluationSpec(_Section):
     calibration_samples: int = Field(DEFAULTS.calibration_samples, ge=1)
     seq_len: int = Field(DEFAULTS.seq_len, gt=0)
     windows: int = Field(DEFAULTS.windows, ge=1)
-    batch_size: int = Field(DEFAULTS.batch_size, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     tasks: list[str] = list(DEFAULTS.tasks)
     task_limit: int | None = Field(DEFAULTS.task_limit, ge=1)
     mode: Literal["extracted", "masked"] = DEFAULTS.mode
     importance: Literal["activation", "magnitude", "none"] = DEFAULTS.importance
     latency: LatencySpec = LatencySpec()
     fidelity: FidelitySpec = FidelitySpec()
+
+    def batch(self) -> int:
+        """The batch size: the spec's, or for `auto` (which the planner replaces when it
+        sizes the evaluators, `search.plan_resources`) the evaluator's default."""
+        return DEFAULTS.batch_size if self.batch_size == "auto" else self.batch_size
 
     @model_validator(mode="after")
     def _rungs_below_windows(self) -> "EvaluationSpec":
@@ -449,7 +454,7 @@ class Spec(_Section):
         return EvaluatorSettings(
             model=self.model, dtype=self.dtype,
             device="cpu" if self.resources.gpus_per_evaluator == 0 else "auto",
-            data=e.data, seq_len=e.seq_len, windows=e.windows, batch_size=e.batch_size,
+            data=e.data, seq_len=e.seq_len, windows=e.windows, batch_size=e.batch(),
             tasks=tuple(e.tasks), task_limit=e.task_limit, mode=e.mode, importance=e.importance,
             calibration=e.calibration, calibration_samples=e.calibration_samples,
             latency=LatencySettings(**e.latency.model_dump(exclude={"enabled"})),
