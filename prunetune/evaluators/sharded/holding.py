@@ -67,6 +67,15 @@ class Holding(ABC):
         """Turn this rank's loss sum into the group's, in place (default: it already is)."""
 
 
+def require_activation_importance(settings: EvaluatorSettings, mode: str) -> None:
+    """Refuse an importance criterion that reads whole weights, which no rank of a `mode`
+    group holds; activation scores are computed by every rank on its part."""
+    if settings.importance != "activation":
+        raise ValueError(f"importance {settings.importance!r} reads whole weights, which no "
+                         f"rank holds in {mode} mode: use 'activation' or 'none', or cache the "
+                         "scores with a single-device evaluator first")
+
+
 class SlicedHolding(Holding):
     """A tensor-parallel holding: every rank holds a slice of every block (`slices` says
     which heads and neurons) and runs every window; the layers' all-reduces join them."""

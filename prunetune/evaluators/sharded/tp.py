@@ -31,7 +31,9 @@ from prunetune.evaluators.importance import (
 )
 from prunetune.evaluators.model import is_config_file
 from prunetune.evaluators.perplexity import WindowLoss, logit_chunks
-from prunetune.evaluators.sharded.holding import RankContext, SlicedHolding
+from prunetune.evaluators.sharded.holding import (
+    RankContext, SlicedHolding, require_activation_importance,
+)
 from prunetune.evaluators.sharded.zero3 import check_partitionable
 from prunetune.evaluators.surgery import apply_masks
 from prunetune.search_spaces.dims import Adapter, ModelDims, adapter_for
@@ -130,10 +132,7 @@ class TensorParallelHolding(SlicedHolding):
 
     def _scores(self, tokenizer: Any) -> ImportanceScores:
         """Activation scores of the sliced model, every rank running the same batches."""
-        if self.ctx.settings.importance != "activation":
-            raise ValueError(f"importance {self.ctx.settings.importance!r} reads whole weights, "
-                             "which no rank holds in tp mode: use 'activation' or 'none', or "
-                             "cache the scores with a single-device evaluator first")
+        require_activation_importance(self.ctx.settings, "tp")
         return sum_over_ranks(compute_scores(self.model, tokenizer, self.ctx.settings,
                                              self.slices))
 

@@ -27,7 +27,7 @@ from prunetune.evaluators.importance import (
 )
 from prunetune.evaluators.model import is_config_file, resolve_source
 from prunetune.evaluators.perplexity import WindowLoss, logit_chunks
-from prunetune.evaluators.sharded.holding import Holding, RankContext
+from prunetune.evaluators.sharded.holding import Holding, RankContext, require_activation_importance
 from prunetune.evaluators.settings import EvaluatorSettings
 from prunetune.evaluators.surgery import apply_masks, extract
 from prunetune.search_spaces.dims import ModelDims, adapter_for
@@ -205,10 +205,7 @@ class Zero3Holding(Holding):
 
     def _scores(self, tokenizer: Any) -> ImportanceScores:
         """Activation scores of the partitioned model, every rank running the same batches."""
-        if self.ctx.settings.importance != "activation":
-            raise ValueError(f"importance {self.ctx.settings.importance!r} reads whole weights, "
-                             "which no rank holds in zero3 mode: use 'activation' or 'none', or "
-                             "cache the scores with a single-device evaluator first")
+        require_activation_importance(self.ctx.settings, "zero3")
         return compute_scores(self.model, tokenizer, self.ctx.settings)
 
     def masked(self, subnet: SubnetConfig) -> AbstractContextManager[nn.Module]:
