@@ -39,9 +39,11 @@ then loses evaluators only, which the pool replaces, never the bookkeeping of a 
 NAMESPACE = "prunetune"
 
 
-def _actor_node(actor: Any) -> str:
-    """The node id of the actor this runs in (called inside it with `__ray_call__`)."""
-    return ray.get_runtime_context().get_node_id()
+ACTOR_NODE = lambda actor: ray.get_runtime_context().get_node_id()  # noqa: E731
+"""The node id of the actor it runs in (sent to each evaluator with `__ray_call__`). A
+lambda, so Ray ships it by value: a function of this module would make every evaluator
+import the module, and with it torch and pandas (about 180 MiB a stand-in evaluator of
+`benchmarks/orchestration.py`, which imports neither otherwise)."""
 
 
 @ray.remote(num_cpus=0)
@@ -60,7 +62,7 @@ class EvaluatorPool:
         self.settings = settings
         self.options = options
         self.handles = [self._start(i) for i in range(count)]
-        self.nodes = [h.__ray_call__.remote(_actor_node) for h in self.handles]
+        self.nodes = [h.__ray_call__.remote(ACTOR_NODE) for h in self.handles]
         self.free: asyncio.Queue[int] = asyncio.Queue()
         for i in range(count):
             self.free.put_nowait(i)
@@ -116,7 +118,7 @@ class EvaluatorPool:
         if self.handles[index] == dead:
             ray.kill(dead, no_restart=True)
             self.handles[index] = self._start(index + len(self.handles) * (self.replaced + 1))
-            self.nodes[index] = self.handles[index].__ray_call__.remote(_actor_node)
+            self.nodes[index] = self.handles[index].__ray_call__.remote(ACTOR_NODE)
             self.replaced += 1
 
     def replacements(self) -> int:
