@@ -17,8 +17,9 @@ and the pool's growth per 1,000 evaluations).
 
 `--parts` times instead, in this process and without Ray, what the head does per
 evaluation besides Ray and Tune, against the rows already logged: a Parquet part of one
-row and of 64 rows, the front files rewritten, and a proposal of the guarded random
-searcher one at a time and in batches of 64.
+row and of 64 rows, the front files rewritten, a proposal of the guarded random
+searcher one at a time and in batches of 64, and a proposal of the local search with as
+many results as rows logged.
 
     python benchmarks/orchestration.py --parts 1000 10000 100000
 
@@ -110,8 +111,9 @@ class ProcessWatch:
     Memory is the peak over the samples of each role's total resident set (RSS, which
     counts shared libraries in every process) and unique set (USS: the pages no other
     process maps, what one more such process costs), and the driver's and the pool's USS
-    at the first and the last sample (how they grow over the search). CPU time is each
-    process's user and system time when last seen, summed by role at every sample."""
+    at the first and the last sample (how they grow over the search). CPU time is the user
+    and system time each process spent since the sample before, added to the role it has
+    at this sample (a Ray worker starts as `ray::IDLE`, then takes its actor's role)."""
 
     def __init__(self, period: float = 1.0) -> None:
         import multiprocessing
@@ -152,6 +154,8 @@ def watch_processes(root: int, period: float, stop: Any, results: Any) -> None:
     peak = {r: {"rss": 0.0, "uss": 0.0, "processes": 0} for r in ROLES}
     names: dict[int, tuple[str, str]] = {}
     cpu: dict[int, float] = {}
+    by_role = dict.fromkeys(ROLES, 0.0)
+    ray_programs: dict[str, float] = {}
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     series = []
@@ -172,23 +176,21 @@ def watch_processes(root: int, period: float, stop: Any, results: Any) -> None:
             sample[name]["rss"] += memory.rss / 2**20
             sample[name]["uss"] += memory.uss / 2**20
             sample[name]["processes"] += 1
-            cpu[process.pid] = times.user + times.system
+            seconds = times.user + times.system
+            by_role[name] += seconds - cpu.get(process.pid, 0.0)
+            if name == "ray":
+                ray_programs[names[process.pid][1]] = (ray_programs.get(names[process.pid][1], 0.0)
+                                                       + seconds - cpu.get(process.pid, 0.0))
+            cpu[process.pid] = seconds
         for name, values in sample.items():
             for key, value in values.items():
                 peak[name][key] = max(peak[name][key], value)
         for name in ("driver", "pool"):
             first.setdefault(name, sample[name]["uss"])
             last[name] = sample[name]["uss"]
-        by_role = dict.fromkeys(ROLES, 0.0)
-        for pid, seconds in cpu.items():
-            by_role[names[pid][0]] += seconds
-        series.append((time.time(), by_role))
+        series.append((time.time(), dict(by_role)))
         if stopping:
             break
-    ray_programs: dict[str, float] = {}
-    for pid, seconds in cpu.items():
-        if names[pid][0] == "ray":
-            ray_programs[names[pid][1]] = ray_programs.get(names[pid][1], 0.0) + seconds
     results.send({"peak": peak, "first": first, "last": last, "series": series,
                   "ray_cpu_s": dict(sorted(ray_programs.items(), key=lambda item: -item[1]))})
 
@@ -313,7 +315,32 @@ def head_costs(logged: int) -> dict[str, float]:
         single = timed(lambda: guard.suggest(f"s{next(asked)}"), 64) * 1e3
         batched = timed(lambda: guard.suggest_batch([f"b{next(asked)}" for _ in range(64)]), 4) * 1e3 / 64
     return {"logged": logged, "append_row_ms": one, "append_row_in_64_ms": batch,
-            "front_rewrite_ms": front, "suggest_ms": single, "suggest_in_64_ms": batched}
+            "front_rewrite_ms": front, "suggest_ms": single, "suggest_in_64_ms": batched,
+            "local_suggest_ms": local_proposal_ms(logged)}
+
+
+def local_proposal_ms(points: int) -> float:
+    """Milliseconds of one proposal of the local search (its result told back) once it has
+    `points` results, on the per-layer space of SmolLM2."""
+    import random
+
+    from prunetune.orchestrator.algorithms import LocalSearch
+    from prunetune.search_spaces.spaces import make_space
+
+    space = make_space("per_layer", SMOLLM2)
+    search = LocalSearch(space, {"perplexity": "min", "params": "min"}, seed=0, initial_random=8)
+    rng = random.Random(0)
+    told = iter(range(10**7))
+
+    def propose_and_tell() -> None:
+        trial = f"t{next(told)}"
+        config = search.suggest(trial)
+        size = sum(v for k, v in config.items() if k.startswith("mlp_")) + 1
+        search.on_trial_complete(trial, {"perplexity": 1e9 / size + rng.random(), "params": size})
+
+    for _ in range(points):
+        propose_and_tell()
+    return timed(propose_and_tell, 64) * 1e3
 
 
 def idle_gaps(rows: Any) -> Any:
@@ -415,10 +442,11 @@ def main() -> None:
     if args.parts:
         costs = [head_costs(rows) for rows in args.parts]
         print("logged rows  append 1 row/part  append 64 rows/part  front rewrite  "
-              "suggest 1  suggest in 64  (ms; per row, per rewrite, per proposal)")
+              "suggest 1  suggest in 64  local suggest  (ms; per row, per rewrite, per proposal)")
         for c in costs:
             print(f"{c['logged']:>11}  {c['append_row_ms']:>17.2f}  {c['append_row_in_64_ms']:>19.3f}  "
-                  f"{c['front_rewrite_ms']:>13.0f}  {c['suggest_ms']:>9.2f}  {c['suggest_in_64_ms']:>13.2f}")
+                  f"{c['front_rewrite_ms']:>13.0f}  {c['suggest_ms']:>9.2f}  {c['suggest_in_64_ms']:>13.2f}  "
+                  f"{c['local_suggest_ms']:>13.2f}")
         if args.out:
             Path(args.out).write_text(json.dumps({"machine": os.cpu_count(), "parts": costs}, indent=1))
         return

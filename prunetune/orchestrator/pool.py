@@ -180,9 +180,9 @@ def evaluator_resources(spec: Spec) -> dict[str, Any]:
 
 
 def pool_concurrency(evaluators: int) -> int:
-    """Calls the pool serves at once: every evaluator's borrower and its row, the spare
-    trial's waiting borrowers, and room to spare (Ray's default of 1000 would stall
-    the borrowers of more than about 400 evaluators)."""
+    """Calls the pool serves at once: at most a settle per evaluator (its rows waiting to be
+    written), the trials' waiting borrows, and room to spare (Ray's default of 1000 would
+    stall the calls of more than about 400 evaluators, were each its own call)."""
     return max(1000, 4 * evaluators)
 
 

@@ -173,13 +173,14 @@ class EvaluatorHost:
 
     def measure(self, span: Span) -> dict[str, Any]:
         """The metrics of the sub-network on the windows of `span`, from a borrowed evaluator
-        (held until its row is recorded).
+        (held until its row is recorded, or `evaluate_subnet` ends).
 
         An evaluator that died, or a group that lost a rank, is replaced and the trial
         fails (Tune retries it on another evaluator) instead of logging a result that says
         nothing about the sub-network.
         """
         index, handle, node = self.calls.acquire()
+        self.held = index
         started = datetime.now(timezone.utc)
         full = span == (0, self.context.fidelity.windows)
         try:
@@ -189,9 +190,7 @@ class EvaluatorHost:
                 raise EvaluatorBroken(f"{result.get('evaluator_id')}: {result['error']}")
         except (ray.exceptions.RayActorError, EvaluatorBroken):
             ray.get(self.calls.pool.replace.remote(index, handle))
-            self.calls.settle([index], [])
             raise
-        self.held = index
         return {**result, "evaluator_id": f"{result.get('evaluator_id')}@{node[:12]}",
                 "started_at": started, "finished_at": datetime.now(timezone.utc)}
 
