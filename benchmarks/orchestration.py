@@ -40,7 +40,6 @@ import os
 import platform
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
