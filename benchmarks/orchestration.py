@@ -3,25 +3,31 @@
 For every count of evaluators and every evaluation time asked for, a random search on
 the SmolLM2 config with stand-in evaluators whose evaluation takes a fixed time (the
 model is not the point), on a local Ray instance: `--rounds` evaluations per evaluator.
-Prints a table and writes JSON (`--out`): the share of evaluator time spent evaluating
-between the first evaluation's start and the last one's end, the overhead per evaluation,
-the evaluations per second, the idle gap of an evaluator between two evaluations (and
-the share busy it implies once every evaluator has started, without the start and the
-end of the search: `steady`), and the memory (peak resident set) of the driver, the pool
-and the trial processes, with the trial processes counted.
+Prints a table and writes JSON (`--out`, rewritten after every run): the share of
+evaluator time spent evaluating between the first evaluation's start and the last one's
+end, the overhead per evaluation, the evaluations per second, the idle gap of an evaluator
+between two evaluations (and the share busy it implies once every evaluator has started,
+without the start and the end of the search: `steady`), the pool's calls per evaluation,
+the CPU time per evaluation of the driver, the pool, the trial processes and the rest of
+Ray, and the memory of each (peak resident and unique sets; per evaluator; the driver's
+and the pool's growth per 1,000 evaluations).
 
     python benchmarks/orchestration.py --evaluators 8 32 128 512 --seconds 2 20 --out after.json
     python benchmarks/orchestration.py --plot orchestration.png before.json after.json
 
 `--parts` times instead, in this process and without Ray, what the head does per
 evaluation besides Ray and Tune, against the rows already logged: a Parquet part of one
-row and of 64 rows, the front files rewritten, and a proposal of the guarded random
-searcher one at a time and in batches of 64.
+row and of 64 rows, the front files rewritten, a proposal of the guarded random
+searcher one at a time and in batches of 64, and a proposal of the local search with as
+many results as rows logged.
 
     python benchmarks/orchestration.py --parts 1000 10000 100000
 
 `--seconds 0` measures the bookkeeping's ceiling: evaluations that take no time, so the
-rate is what the driver, the pool and the trials turn around. `--subnets-per-trial` sets
+rate is what the driver, the pool and the trials turn around, and the CPU time per
+evaluation says which of them it is.
+
+    python benchmarks/orchestration.py --evaluators 8 512 --seconds 0 --rounds 20 --out ceiling.json `--subnets-per-trial` sets
 `resources.subnets_per_trial` (left out: the spec's default, which code older than the
 setting does not know, so the same script measures the commit before it).
 """
@@ -34,18 +40,15 @@ import os
 import platform
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from prunetune.evaluators.contract import EvaluatorBase
 from prunetune.orchestrator.results import DENSE_TRIAL, ResultLog
 from prunetune.orchestrator.search import run_search
 from prunetune.orchestrator.spec import load_spec
-from prunetune.search_spaces.subnet import SubnetConfig
 
 SMOLLM2 = dict(model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152,
@@ -54,9 +57,14 @@ TRIAL_PROCESSES = ("ImplicitFunc", "run_trial")
 """Process titles of Tune's trial actors (a function trainable runs in `ImplicitFunc`)."""
 
 
-class FixedTimeEvaluator(EvaluatorBase):
-    """Takes exactly `seconds` per evaluation (the class is shipped to the workers by
-    value, with it); perplexity falls with the kept parameters."""
+class FixedTimeEvaluator:
+    """Takes exactly `seconds` per evaluation; perplexity falls with the kept parameters.
+
+    It answers the evaluator contract's two calls (`info`, `evaluate`; its evaluations
+    never fail) without subclassing `EvaluatorBase`, whose module imports torch: the class
+    is shipped to the workers by value, so a stand-in process imports Ray and the standard
+    library only, and 512 of them fit beside the head's own processes (the `evaluators`
+    memory columns say how much each takes)."""
 
     seconds = 1.0
 
@@ -67,58 +75,130 @@ class FixedTimeEvaluator(EvaluatorBase):
         return {"evaluator_id": self.evaluator_id, "model_config": SMOLLM2, "layer_order": None,
                 "load_seconds": 0.0}
 
-    def model_config(self) -> Any:
-        return SMOLLM2
-
-    def measure(self, subnet: SubnetConfig, metrics: set[str],
-                span: tuple[int, int] | None = None) -> dict[str, Any]:
+    def evaluate(self, subnet: str, metrics: list[str],
+                 span: tuple[int, int] | None = None) -> dict[str, Any]:
         time.sleep(self.seconds)
-        size = subnet.num_layers * subnet.embed * sum(subnet.mlp)
-        return {"perplexity": 1e12 / size}
+        config = json.loads(subnet)
+        size = len(config["layers"]) * config["embed"] * sum(config["mlp"])
+        return {"evaluator_id": self.evaluator_id, "load_seconds": 0.0, "status": "ok",
+                "error": None, "eval_seconds": self.seconds, "perplexity": 1e12 / size}
 
-    def release_memory(self) -> None:
-        """Holds no model."""
+
+ROLES = ("driver", "pool", "trials", "evaluators", "ray")
+"""The processes watched: this one (Tune's driver), the pool actor, Tune's trial actors,
+the stand-in evaluators, and the rest of the local Ray instance (raylet, GCS, idle workers)."""
 
 
-class MemoryWatch:
-    """Peak resident memory (MiB) of the driver, the pool and the trial processes, sampled
-    every second over the driver's descendants (other Ray instances on the machine are
-    not counted)."""
+def role(title: str) -> str:
+    """The role of a process below the driver, from its command line (Ray names its
+    workers' processes after the actor class)."""
+    if "EvaluatorPool" in title:
+        return "pool"
+    if any(name in title for name in TRIAL_PROCESSES):
+        return "trials"
+    if "FixedTimeEvaluator" in title:
+        return "evaluators"
+    return "ray"
 
-    def __init__(self) -> None:
-        self.peak = {"driver": 0.0, "pool": 0.0, "trials": 0.0, "trial_processes": 0,
-                     "evaluators": 0.0}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
 
-    def __enter__(self) -> "MemoryWatch":
-        self.thread.start()
+class ProcessWatch:
+    """Memory and CPU time of the driver, the pool, the trial processes, the evaluators and
+    the rest of Ray, sampled every `period` seconds over the driver's descendants (other
+    Ray instances on the machine are not counted), from a process of its own, so that the
+    sampling takes no time from Tune's driver thread.
+
+    Memory is the peak over the samples of each role's total resident set (RSS, which
+    counts shared libraries in every process) and unique set (USS: the pages no other
+    process maps, what one more such process costs), and the driver's and the pool's USS
+    at the first and the last sample (how they grow over the search). CPU time is the user
+    and system time each process spent since the sample before, added to the role it has
+    at this sample (a Ray worker starts as `ray::IDLE`, then takes its actor's role)."""
+
+    def __init__(self, period: float = 1.0) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.stop = context.Event()
+        self.results, sender = context.Pipe(duplex=False)
+        self.process = context.Process(target=watch_processes,
+                                       args=(os.getpid(), period, self.stop, sender), daemon=True)
+        self.figures: dict[str, Any] = {}
+
+    def __enter__(self) -> "ProcessWatch":
+        self.process.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.stop.set()
-        self.thread.join()
+        self.figures = self.results.recv()
+        self.process.join()
 
-    def _watch(self) -> None:
-        me = psutil.Process()
-        while not self.stop.wait(1.0):
-            sample = {"driver": me.memory_info().rss, "pool": 0, "trials": 0, "trial_processes": 0,
-                      "evaluators": 0}
-            for child in me.children(recursive=True):
-                try:
-                    title, rss = " ".join(child.cmdline()), child.memory_info().rss
-                except psutil.Error:
-                    continue
-                if "EvaluatorPool" in title:
-                    sample["pool"] += rss
-                elif any(name in title for name in TRIAL_PROCESSES):
-                    sample["trials"] += rss
-                    sample["trial_processes"] += 1
-                elif "FixedTimeEvaluator" in title:
-                    sample["evaluators"] += rss
-            for key, value in sample.items():
-                value = value if key == "trial_processes" else value / 2**20
-                self.peak[key] = max(self.peak[key], value)
+    def cpu_cores(self, start: float, end: float) -> dict[str, float]:
+        """CPU cores each role kept busy on average between the samples that fall within
+        the wall-clock times `start` and `end` (seconds since the epoch); all zeros if
+        fewer than two do."""
+        inside = [(t, cpu) for t, cpu in self.figures["series"] if start <= t <= end]
+        if len(inside) < 2:
+            return dict.fromkeys(ROLES, 0.0)
+        (t0, first), (t1, last) = inside[0], inside[-1]
+        return {r: (last[r] - first[r]) / (t1 - t0) for r in ROLES}
+
+
+def watch_processes(root: int, period: float, stop: Any, results: Any) -> None:
+    """The watch of `ProcessWatch`, in its own process: samples the processes below `root`
+    (itself left out) until `stop` is set, then sends its figures through `results`. A
+    process's role is the one its command line last gave (a Ray worker starts as
+    `ray::IDLE` and takes its actor's name; one that has ended has none)."""
+    me, watcher = psutil.Process(root), os.getpid()
+    peak = {r: {"rss": 0.0, "uss": 0.0, "processes": 0} for r in ROLES}
+    names: dict[int, tuple[str, str]] = {}
+    cpu: dict[int, float] = {}
+    by_role = dict.fromkeys(ROLES, 0.0)
+    ray_programs: dict[str, float] = {}
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    series = []
+    while True:
+        stopping = stop.wait(period)
+        sample = {r: {"rss": 0.0, "uss": 0.0, "processes": 0} for r in ROLES}
+        for process in [me, *me.children(recursive=True)]:
+            if process.pid == watcher:
+                continue
+            try:
+                title = " ".join(process.cmdline())
+                memory, times = process.memory_full_info(), process.cpu_times()
+            except psutil.Error:
+                continue
+            if title or process.pid not in names:
+                names[process.pid] = ("driver" if process == me else role(title), program(title))
+            name = names[process.pid][0]
+            sample[name]["rss"] += memory.rss / 2**20
+            sample[name]["uss"] += memory.uss / 2**20
+            sample[name]["processes"] += 1
+            seconds = times.user + times.system
+            by_role[name] += seconds - cpu.get(process.pid, 0.0)
+            if name == "ray":
+                ray_programs[names[process.pid][1]] = (ray_programs.get(names[process.pid][1], 0.0)
+                                                       + seconds - cpu.get(process.pid, 0.0))
+            cpu[process.pid] = seconds
+        for name, values in sample.items():
+            for key, value in values.items():
+                peak[name][key] = max(peak[name][key], value)
+        for name in ("driver", "pool"):
+            first.setdefault(name, sample[name]["uss"])
+            last[name] = sample[name]["uss"]
+        series.append((time.time(), dict(by_role)))
+        if stopping:
+            break
+    results.send({"peak": peak, "first": first, "last": last, "series": series,
+                  "ray_cpu_s": dict(sorted(ray_programs.items(), key=lambda item: -item[1]))})
+
+
+def program(title: str) -> str:
+    """A short name of a process from its command line: Ray's title of a worker
+    (`ray::IDLE`), else the program's file name."""
+    first = title.split(" ")[0] if title else "?"
+    return first if first.startswith("ray::") else os.path.basename(first)
 
 
 def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str | None,
@@ -137,8 +217,8 @@ def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str
                                            if surrogate is not None else {})},
                           "resources": resources})
         start = time.perf_counter()
-        with MemoryWatch() as memory:
-            run_search(spec, FixedTimeEvaluator, num_cpus=os.cpu_count())
+        with ProcessWatch() as watch:
+            outcome = run_search(spec, FixedTimeEvaluator, num_cpus=os.cpu_count())
         total = time.perf_counter() - start
         rows = ResultLog(run_dir).read()
         parts = len(ResultLog(run_dir).parts())
@@ -150,6 +230,8 @@ def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str
     gaps = idle_gaps(done)
     capacity = span * evaluators
     evaluating = len(done) * seconds
+    pool_calls = outcome.summary.get("pool_calls", {})
+    cores = watch.cpu_cores(done["started_at"].min().timestamp(), done["finished_at"].max().timestamp())
     return {"evaluators": evaluators, "seconds": seconds, "evaluations": len(done), "algorithm": algorithm,
             "subnets_per_trial": subnets_per_trial or "default", "span_s": span,
             "command_s": total, "parts": parts,
@@ -158,9 +240,27 @@ def measure(evaluators: int, seconds: float, rounds: int, subnets_per_trial: str
             "evaluations_per_s": len(done) / span,
             "gap_median_ms": float(gaps.median() * 1e3), "gap_p90_ms": float(gaps.quantile(0.9) * 1e3),
             "steady_utilisation": seconds / (seconds + gaps.mean()) if seconds else None,
-            "memory_mib": {**memory.peak,
-                           "per_evaluator": {k: memory.peak[k] / evaluators
-                                             for k in ("driver", "pool", "trials")}}}
+            "pool_calls": pool_calls,
+            "pool_calls_per_evaluation": sum(pool_calls.values()) / (len(done) + 1),
+            "cpu_cores": cores,
+            "cpu_ms_per_evaluation": {r: c * 1e3 * span / len(done) for r, c in cores.items()},
+            "ray_cpu_s": watch.figures["ray_cpu_s"],
+            "memory_mib": memory_figures(watch, evaluators, len(done))}
+
+
+def memory_figures(watch: ProcessWatch, evaluators: int, evaluations: int) -> dict[str, Any]:
+    """Peak memory by role; per evaluator, the driver's, the pool's and the trials' unique
+    memory shared out and one evaluator's own; the driver's and pool's growth per 1,000
+    evaluations."""
+    figures = watch.figures
+    peak = figures["peak"]
+    each = peak["evaluators"]["uss"] / max(peak["evaluators"]["processes"], 1)
+    return {**peak,
+            "per_evaluator_uss": {**{r: peak[r]["uss"] / evaluators for r in ("driver", "pool", "trials")},
+                                  "evaluator": each},
+            "growth_uss_per_1000_evaluations": {
+                r: (figures["last"][r] - figures["first"][r]) * 1000 / max(evaluations, 1)
+                for r in ("driver", "pool")}}
 
 
 def logged_rows(count: int, start: int = 0) -> list[dict[str, Any]]:
@@ -214,7 +314,32 @@ def head_costs(logged: int) -> dict[str, float]:
         single = timed(lambda: guard.suggest(f"s{next(asked)}"), 64) * 1e3
         batched = timed(lambda: guard.suggest_batch([f"b{next(asked)}" for _ in range(64)]), 4) * 1e3 / 64
     return {"logged": logged, "append_row_ms": one, "append_row_in_64_ms": batch,
-            "front_rewrite_ms": front, "suggest_ms": single, "suggest_in_64_ms": batched}
+            "front_rewrite_ms": front, "suggest_ms": single, "suggest_in_64_ms": batched,
+            "local_suggest_ms": local_proposal_ms(logged)}
+
+
+def local_proposal_ms(points: int) -> float:
+    """Milliseconds of one proposal of the local search (its result told back) once it has
+    `points` results, on the per-layer space of SmolLM2."""
+    import random
+
+    from prunetune.orchestrator.algorithms import LocalSearch
+    from prunetune.search_spaces.spaces import make_space
+
+    space = make_space("per_layer", SMOLLM2)
+    search = LocalSearch(space, {"perplexity": "min", "params": "min"}, seed=0, initial_random=8)
+    rng = random.Random(0)
+    told = iter(range(10**7))
+
+    def propose_and_tell() -> None:
+        trial = f"t{next(told)}"
+        config = search.suggest(trial)
+        size = sum(v for k, v in config.items() if k.startswith("mlp_")) + 1
+        search.on_trial_complete(trial, {"perplexity": 1e9 / size + rng.random(), "params": size})
+
+    for _ in range(points):
+        propose_and_tell()
+    return timed(propose_and_tell, 64) * 1e3
 
 
 def idle_gaps(rows: Any) -> Any:
@@ -239,41 +364,55 @@ def code_version() -> str:
 
 
 def table(runs: list[dict[str, Any]]) -> str:
+    """The runs' figures, a line each (memory: peak unique set, MiB)."""
     lines = ["evaluators  s/eval  evals  per trial  busy    steady  overhead/eval  idle gap p50/p90  evals/s  "
-             "driver MiB  pool MiB  trials MiB (procs)"]
+             "pool calls/eval  CPU cores driver/pool/trials/evaluators/ray  "
+             "USS MiB driver/pool/trials (procs)/one evaluator"]
     for r in runs:
         busy = "-" if r["utilisation"] is None else f"{r['utilisation']:.1%}"
         steady = "-" if r["steady_utilisation"] is None else f"{r['steady_utilisation']:.1%}"
-        m = r["memory_mib"]
+        m, cpu = r["memory_mib"], r["cpu_cores"]
         lines.append(f"{r['evaluators']:>10}  {r['seconds']:>6.1f}  {r['evaluations']:>5}  "
                      f"{str(r['subnets_per_trial']):>9}  {busy:>6}  {steady:>6}  {r['overhead_ms']:>10.0f} ms  "
                      f"{r['gap_median_ms']:>7.0f}/{r['gap_p90_ms']:<6.0f} ms  "
-                     f"{r['evaluations_per_s']:>7.1f}  {m['driver']:>10.0f}  {m['pool']:>8.0f}  "
-                     f"{m['trials']:>10.0f} ({m['trial_processes']})")
+                     f"{r['evaluations_per_s']:>7.1f}  {r['pool_calls_per_evaluation']:>15.2f}  "
+                     f"{cpu['driver']:>13.2f}/{cpu['pool']:.2f}/{cpu['trials']:.2f}/{cpu['evaluators']:.2f}/"
+                     f"{cpu['ray']:.2f}  "
+                     f"{m['driver']['uss']:>10.0f}/{m['pool']['uss']:.0f}/{m['trials']['uss']:.0f} "
+                     f"({m['trials']['processes']})/{m['per_evaluator_uss']['evaluator']:.0f}")
     return "\n".join(lines)
 
 
 def plot(png: str, results: list[str]) -> None:
-    """Utilisation against evaluators, a line per (result file, evaluation time)."""
+    """Utilisation against evaluators, a line per (result file, evaluation time); beside it
+    evaluations per second against evaluators, with the runs of evaluations that take no
+    time (the bookkeeping's ceiling) and the rate 512 evaluators of 2 s need."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (busy, rate) = plt.subplots(1, 2, figsize=(12, 4.5))
     for path in results:
         data = json.loads(Path(path).read_text())
-        for seconds in sorted({r["seconds"] for r in data["runs"] if r["utilisation"] is not None}):
+        for seconds in sorted({r["seconds"] for r in data["runs"]}):
             runs = sorted((r for r in data["runs"] if r["seconds"] == seconds), key=lambda r: r["evaluators"])
-            ax.plot([r["evaluators"] for r in runs], [100 * r["utilisation"] for r in runs], marker="o",
-                    label=f"{data['label']}, {seconds:g} s per evaluation ({data['machine']['cpus']} CPUs)")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("evaluators")
-    ax.set_ylabel("evaluator time spent evaluating (%)")
-    ax.axhline(95, color="grey", lw=0.8, ls="--")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+            label = f"{data['label']}, {seconds:g} s per evaluation ({data['machine']['cpus']} CPUs)"
+            x = [r["evaluators"] for r in runs]
+            rate.plot(x, [r["evaluations_per_s"] for r in runs], marker="o", label=label)
+            if seconds:
+                busy.plot(x, [100 * r["utilisation"] for r in runs], marker="o", label=label)
+    busy.set_ylim(0, 100)
+    busy.set_ylabel("evaluator time spent evaluating (%)")
+    busy.axhline(95, color="grey", lw=0.8, ls="--")
+    rate.set_yscale("log")
+    rate.set_ylabel("evaluations per second")
+    rate.axhline(250, color="grey", lw=0.8, ls="--")
+    for ax in (busy, rate):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("evaluators")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     print(f"wrote {png}")
@@ -302,26 +441,27 @@ def main() -> None:
     if args.parts:
         costs = [head_costs(rows) for rows in args.parts]
         print("logged rows  append 1 row/part  append 64 rows/part  front rewrite  "
-              "suggest 1  suggest in 64  (ms; per row, per rewrite, per proposal)")
+              "suggest 1  suggest in 64  local suggest  (ms; per row, per rewrite, per proposal)")
         for c in costs:
             print(f"{c['logged']:>11}  {c['append_row_ms']:>17.2f}  {c['append_row_in_64_ms']:>19.3f}  "
-                  f"{c['front_rewrite_ms']:>13.0f}  {c['suggest_ms']:>9.2f}  {c['suggest_in_64_ms']:>13.2f}")
+                  f"{c['front_rewrite_ms']:>13.0f}  {c['suggest_ms']:>9.2f}  {c['suggest_in_64_ms']:>13.2f}  "
+                  f"{c['local_suggest_ms']:>13.2f}")
         if args.out:
             Path(args.out).write_text(json.dumps({"machine": os.cpu_count(), "parts": costs}, indent=1))
         return
-    runs = []
-    for seconds in args.seconds:
-        for evaluators in args.evaluators:
-            runs.append(measure(evaluators, seconds, args.rounds, args.subnets_per_trial,
-                                args.algorithm, args.surrogate))
-            print(table(runs[-1:]).splitlines()[-1], flush=True)
     result = {"label": args.label, "code": code_version(),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
-              "rounds": args.rounds, "runs": runs}
-    print(table(runs))
+              "rounds": args.rounds, "runs": []}
+    print(table([]), flush=True)
+    for seconds in args.seconds:
+        for evaluators in args.evaluators:
+            result["runs"].append(measure(evaluators, seconds, args.rounds, args.subnets_per_trial,
+                                          args.algorithm, args.surrogate))
+            print(table(result["runs"][-1:]).splitlines()[-1], flush=True)
+            if args.out:
+                Path(args.out).write_text(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
 
 

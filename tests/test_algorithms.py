@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 
 from prunetune.orchestrator.algorithms import ALGORITHMS, LocalSearch, parameter_groups
@@ -91,6 +92,30 @@ def test_a_used_up_neighbourhood_does_not_stall_the_search() -> None:
                                            "params": 1e6 * config["depth"]})
     assert set(seen) == set(range(15, 31))
     assert len(set(seen[:16])) >= 12
+
+
+def test_the_front_kept_as_results_arrive_is_the_front_of_every_point(tmp_path) -> None:
+    """The local search keeps its front as results come in (a proposal must not cost more
+    as the points grow): it is the non-dominated points in the order they arrived, ties
+    included, and a restored search rebuilds the same."""
+    from prunetune.orchestrator.pareto import non_dominated_ranks
+
+    space = make_space("per_layer", SMOLLM2_CONFIG)
+    search = LocalSearch(space, OBJECTIVES, seed=0, initial_random=4)
+    rng = random.Random(0)
+    for i in range(300):
+        search.suggest(f"t{i}")
+        values = {"perplexity": float(rng.randrange(50)), "params": float(rng.randrange(50))}
+        search.on_trial_complete(f"t{i}", values if i % 7 else None, error=not i % 7)
+    F = np.stack([f for _, f in search.points])
+    expected = [i for i, rank in enumerate(non_dominated_ranks(F)) if rank == 0]
+    assert [id(c) for c, _ in search.front] == [id(search.points[i][0]) for i in expected]
+    assert len(search.points) < 300 and not search.proposing
+    search.save(str(tmp_path / "state.pkl"))
+    restored = LocalSearch(space, OBJECTIVES, seed=0, initial_random=4)
+    restored.restore(str(tmp_path / "state.pkl"))
+    assert [c for c, _ in restored.front] == [c for c, _ in search.front]
+    assert restored.suggest("next") == search.suggest("next")
 
 
 def _always(subnet) -> bool:

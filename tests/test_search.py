@@ -75,6 +75,9 @@ def test_batched_trials_evaluate_each_sub_network_once_under_its_own_id(tmp_path
     assert len(calls) == len(set(calls)) == 8
     front = pd.read_parquet(tmp_path / "run" / "front.parquet")
     assert sorted(front["config_hash"]) == sorted(pareto_front(log, OBJECTIVES)["config_hash"])
+    pool_calls = outcome.summary["pool_calls"]
+    assert pool_calls["lookup"] == 4, "one lookup per batch (and the dense model's)"
+    assert pool_calls["borrow"] <= 8 and pool_calls["settle"] <= 8, pool_calls
 
 
 def test_multi_fidelity_screens_first_windows_and_scores_no_window_twice(tmp_path, standin_env) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import pickle
 import random
 import warnings
+from collections import Counter
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -27,6 +28,7 @@ import pandas as pd
 from ray.tune.search import Searcher
 
 from prunetune.orchestrator.fidelity import Fidelity, Reference, full_estimate, promote, reference
+from prunetune.orchestrator.pareto import dominates
 from prunetune.orchestrator.results import DENSE_TRIAL, ResultLog
 from prunetune.orchestrator.surrogate import Surrogate
 from prunetune.search_spaces.spaces import SearchSpace
@@ -71,29 +73,49 @@ class LocalSearch(Searcher):
         self.proposed = 0
         self.points: list[tuple[dict[str, Any], np.ndarray]] = []
         self.pending: dict[str, dict[str, Any]] = {}
+        self._index()
+
+    def _index(self) -> None:
+        """What proposals read, derived from `points` and `pending` and kept current as they
+        change, so that a proposal costs as much at 10,000 points as at 10 (rebuilt on a
+        restore): the front's points in the order they arrived, the keys of the points, and
+        how many pending proposals have each key."""
+        self.front: list[tuple[dict[str, Any], np.ndarray]] = []
+        for point in self.points:
+            self._add_to_front(point)
+        self.evaluated = {_key(config) for config, _ in self.points}
+        self.proposing = Counter(_key(config) for config in self.pending.values())
+
+    def _add_to_front(self, point: tuple[dict[str, Any], np.ndarray]) -> None:
+        """Put a new point on the front unless a front point dominates it, dropping the
+        front points it dominates (a point dominated by any point is dominated by one on
+        the front, so the front is the non-dominated points, as recomputed from all)."""
+        values = point[1]
+        if any(dominates(f, values) for _, f in self.front):
+            return
+        self.front = [(c, f) for c, f in self.front if not dominates(values, f)] + [point]
+
+    def _propose(self, trial_id: str, config: dict[str, Any]) -> dict[str, Any]:
+        self.pending[trial_id] = config
+        self.proposing[_key(config)] += 1
+        return config
 
     def suggest(self, trial_id: str) -> dict[str, Any]:
         if self.initial:
-            config = self.initial.pop(0)
-            self.pending[trial_id] = config
-            return config
+            return self._propose(trial_id, self.initial.pop(0))
         self.proposed += 1
-        front = self._front()
-        if self.proposed <= self.initial_random or not front:
-            config = self.space.encode(self.space.sample(self.rng))
-        else:
-            config = self._new_neighbour(front)
-        self.pending[trial_id] = config
-        return config
+        if self.proposed <= self.initial_random or not self.front:
+            return self._propose(trial_id, self.space.encode(self.space.sample(self.rng)))
+        return self._propose(trial_id, self._new_neighbour([c for c, _ in self.front]))
 
     def _new_neighbour(self, front: list[dict[str, Any]]) -> dict[str, Any]:
         """A neighbour of a front point that this search has not evaluated or proposed yet;
         a random point once the front's neighbourhood is used up, so the search never
         stalls on configurations it already knows."""
-        known = {_key(c) for c, _ in self.points} | {_key(c) for c in self.pending.values()}
         for _ in range(NEIGHBOUR_TRIES):
             config = self._neighbour(self.rng.choice(front))
-            if _key(config) not in known:
+            key = _key(config)
+            if key not in self.evaluated and not self.proposing.get(key):
                 return config
         return self.space.encode(self.space.sample(self.rng))
 
@@ -114,18 +136,19 @@ class LocalSearch(Searcher):
                 moved[name] = values[i]
         return moved
 
-    def _front(self) -> list[dict[str, Any]]:
-        if not self.points:
-            return []
-        F = np.stack([f for _, f in self.points])
-        dominated = ((F[:, None] >= F[None]).all(-1) & (F[:, None] > F[None]).any(-1)).any(1)
-        return [config for (config, _), d in zip(self.points, dominated) if not d]
-
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         config = self.pending.pop(trial_id, None)
+        if config is None:
+            return
+        key = _key(config)
+        self.proposing[key] -= 1
+        if not self.proposing[key]:
+            del self.proposing[key]
         values = _minimised(result or {}, self.objectives)
-        if config is not None and values is not None and not error:
+        if values is not None and not error:
             self.points.append((config, values))
+            self.evaluated.add(key)
+            self._add_to_front((config, values))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -134,6 +157,7 @@ class LocalSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        self._index()
 
 
 def parameter_groups(names: list[str]) -> dict[str, list[str]]:

@@ -79,6 +79,12 @@ def non_dominated_ranks(F: np.ndarray) -> np.ndarray:
     return np.asarray(moocore.pareto_rank(F), dtype=np.int64)
 
 
+def dominates(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the minimised objective values `a` dominate `b`: no worse in any objective
+    and better in one (one pair; `non_dominated_ranks` sorts a whole matrix)."""
+    return bool((a <= b).all() and (a < b).any())
+
+
 def _front_mask(F: np.ndarray) -> np.ndarray:
     """Rows not dominated by any row (duplicates of a front row are all kept)."""
     F = _check_matrix(F)

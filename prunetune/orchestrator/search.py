@@ -31,7 +31,7 @@ from prunetune.orchestrator.run_record import (
     read_front, read_run_record, resolve_run_dir, run_spec, write_run_record, write_run_spec,
 )
 from prunetune.orchestrator.spec import Spec
-from prunetune.orchestrator.trial import Feasibility, TrialContext, evaluate_subnet, run_trial
+from prunetune.orchestrator.trial import Feasibility, TrialContext, evaluate_batch, run_trial
 from prunetune.search_spaces.spaces import SearchSpace, make_space
 from prunetune.search_spaces.subnet import SubnetConfig
 from prunetune.training.supernet import supernet_record
@@ -102,7 +102,7 @@ def _dense_row(context: TrialContext) -> dict[str, Any]:
     """The dense model's row, scored on every window (and logged at every rung, which the
     screens of the first proposals compare with)."""
     dense = SubnetConfig.dense(context.model_config)
-    return evaluate_subnet(context, dense, DENSE_TRIAL, always_promote=True)
+    return evaluate_batch(context, [dense], [DENSE_TRIAL], always_promote=True)[0]
 
 
 def spec_fidelity(spec: Spec) -> Fidelity:
@@ -160,7 +160,8 @@ def run_search(spec: Spec, evaluator_class: type | None = None, resume: bool = F
     tuner.fit()
     summary = write_front_files(run_dir, objectives, dense["config_hash"])
     summary.update(seconds=time.perf_counter() - start,
-                   evaluator_replacements=ray.get(pool.replacements.remote()))
+                   evaluator_replacements=ray.get(pool.replacements.remote()),
+                   pool_calls=ray.get(pool.calls.remote()))
     front = read_front(run_dir)
     ray.kill(pool)
     return SearchOutcome(run_dir=run_dir, front=front, rows=summary["rows"], summary=summary)
