@@ -72,7 +72,7 @@ def make_settings(model: str, **overrides) -> EvaluatorSettings:
 # one.
 GROUPS = [pytest.param(("zero3", True), id="zero3-tied"),
           pytest.param(("tp", False), id="tp-untied", marks=pytest.mark.slow),
-          pytest.param(("tp", True), id="tp-tied"),
+          pytest.param(("tp", True), id="tp-tied", marks=pytest.mark.slow),
           pytest.param(("autotp", False), id="autotp-untied", marks=pytest.mark.slow)]
 
 
