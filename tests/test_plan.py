@@ -244,7 +244,7 @@ def test_auto_gpus_take_the_planned_groups_of_the_connected_cluster(monkeypatch)
     monkeypatch.setattr(plan_module, "cluster_gpus", lambda: (2, 8, 79.6))
     planned = plan_resources(spec)
     assert planned.resources.gpus_per_evaluator == 2 and planned.resources.evaluators == 8
-    assert planned.resources.sharding == "zero3"
+    assert planned.resources.sharding == "tp"  # in a node, and 8 KV heads split over 2
     group = evaluator_class_for(planned)
     assert issubclass(group, ShardedEvaluatorGroup)
     monkeypatch.setattr(plan_module, "cluster_gpus", lambda: (1, 2, 139.8))
@@ -253,6 +253,25 @@ def test_auto_gpus_take_the_planned_groups_of_the_connected_cluster(monkeypatch)
     one_each = plan_resources(small).resources
     assert (one_each.gpus_per_evaluator, one_each.evaluators, one_each.sharding) == (1, 2, "none")
     assert plan_resources(load_spec({})) == load_spec({})
+
+
+def test_auto_groups_shard_with_tp_inside_a_node_when_the_widths_split(monkeypatch) -> None:
+    """Otherwise ZeRO-3: a group across nodes, or SmolLM2's 3 KV heads over 2 GPUs."""
+    import prunetune.cluster.plan as plan_module
+    from prunetune.orchestrator.search import plan_resources
+    from prunetune.orchestrator.spec import load_spec
+
+    def sharding(model: str, cluster: tuple[int, int, float]) -> tuple[int, str]:
+        monkeypatch.setattr(plan_module, "cluster_gpus", lambda: cluster)
+        spec = load_spec({"model": str(CONFIGS / model), "dtype": "bfloat16",
+                          "evaluation": {"mode": "masked", "batch_size": 1},
+                          "resources": {"gpus_per_evaluator": "auto"}})
+        r = plan_resources(spec).resources
+        return r.gpus_per_evaluator, r.sharding
+
+    assert sharding("llama3-70b.json", (1, 8, 79.6)) == (2, "tp")
+    assert sharding("llama3-70b.json", (4, 1, 79.6)) == (2, "zero3")
+    assert sharding("smollm2-135m.json", (1, 8, 2.4)) == (2, "zero3")
 
 
 def test_an_unset_batch_is_the_largest_the_planned_group_holds(llama70b) -> None:

@@ -32,6 +32,7 @@ from prunetune.orchestrator.run_record import (
 )
 from prunetune.orchestrator.spec import Spec
 from prunetune.orchestrator.trial import Feasibility, TrialContext, evaluate_batch, run_trial
+from prunetune.search_spaces.dims import ModelDims
 from prunetune.search_spaces.spaces import SearchSpace, make_space
 from prunetune.search_spaces.subnet import SubnetConfig
 from prunetune.training.supernet import supernet_record
@@ -66,8 +67,9 @@ def connect_for(spec: Spec, num_cpus: int | None = None) -> None:
 
 def plan_resources(spec: Spec) -> Spec:
     """The spec with `gpus_per_evaluator: auto` replaced by the planner's group size and
-    evaluator count for the connected cluster (ZeRO-3 sharding where a group needs several
-    GPUs and the spec names no mode), and `evaluation.batch_size: auto` by the largest
+    evaluator count for the connected cluster (where a group needs several GPUs and the
+    spec names no mode: tensor parallelism when the group is inside a node and the model's
+    widths split over it, else ZeRO-3), and `evaluation.batch_size: auto` by the largest
     batch the group's memory holds (at most the windows); other specs are returned
     unchanged."""
     r, e = spec.resources, spec.evaluation
@@ -78,14 +80,17 @@ def plan_resources(spec: Spec) -> Spec:
     )
 
     nodes, gpus_per_node, memory_gib = cluster_gpus()
-    plan = plan_evaluators(load_config_file(model_config_path(spec.model)), memory_gib, nodes,
+    config = load_config_file(model_config_path(spec.model))
+    plan = plan_evaluators(config, memory_gib, nodes,
                            gpus_per_node, spec.dtype, e.seq_len,
                            None if e.batch_size == "auto" else e.batch_size,
                            max_batch=min(MAX_BATCH, e.windows))
     say(plan.describe())
     sharding = r.sharding
     if plan.gpus_per_evaluator > 1 and sharding == "none":
-        sharding = "zero3"
+        in_node = plan.gpus_per_evaluator <= gpus_per_node
+        splits = ModelDims.from_config(config).unsplit_width(plan.gpus_per_evaluator) is None
+        sharding = "tp" if in_node and splits else "zero3"
     resources = r.model_copy(update={"gpus_per_evaluator": plan.gpus_per_evaluator,
                                      "evaluators": plan.evaluators, "sharding": sharding})
     evaluation = e.model_copy(update={"batch_size": plan.batch_size})

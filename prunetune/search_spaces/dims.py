@@ -35,6 +35,16 @@ class ModelDims:
         """Query heads per key/value head (the GQA group size)."""
         return self.num_heads // self.num_kv_heads
 
+    def unsplit_width(self, ranks: int) -> tuple[str, int] | None:
+        """The first width that `ranks` tensor-parallel ranks cannot share evenly (key-value
+        heads, query heads, MLP neurons), as (config field, size); None if all split."""
+        for name, size in (("num_key_value_heads", self.num_kv_heads),
+                           ("num_attention_heads", self.num_heads),
+                           ("intermediate_size", self.intermediate_size)):
+            if size % ranks:
+                return name, size
+        return None
+
     @classmethod
     def of(cls, model_config: Any) -> "ModelDims":
         """`model_config` itself if it is already a `ModelDims`, else read from the config."""

@@ -54,14 +54,12 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def check_divisible(config: Any, world: int) -> None:
-    """Fail with the field's name when the model's heads do not split over `world` ranks."""
-    d = ModelDims.from_config(config)
-    for name, size in (("num_key_value_heads", d.num_kv_heads),
-                       ("num_attention_heads", d.num_heads),
-                       ("intermediate_size", d.intermediate_size)):
-        if size % world:
-            raise ValueError(f"sharding.mode 'tp': {name} = {size} does not split over "
-                             f"{world} ranks; use a number of ranks that divides it, or zero3")
+    """Fail with the field's name when the model's widths do not split over `world` ranks."""
+    unsplit = ModelDims.from_config(config).unsplit_width(world)
+    if unsplit is not None:
+        name, size = unsplit
+        raise ValueError(f"sharding.mode 'tp': {name} = {size} does not split over "
+                         f"{world} ranks; use a number of ranks that divides it, or zero3")
 
 
 def load_tensor_parallel(source: str, dtype: torch.dtype) -> nn.Module:
