@@ -235,3 +235,30 @@ def test_tp_slicing_computes_only_the_kept_heads_neurons_and_channels() -> None:
     assert shapes == {"q": (rows, 32), "o": (32, rows), "gate": (20, 32), "down": (32, 20),
                       "head": (d.vocab_size, 32)}
     assert tuple(layer.self_attn.q_proj.weight.shape) == (d.num_heads * d.head_dim, 48)
+
+
+@pytest.mark.slow
+def test_tp_over_a_checkpoint_saved_in_importance_order(cluster, tiny_dirs, tmp_path) -> None:
+    """A trained super-network's weights are sorted already: tp stripes them as they are
+    and evaluates as the single evaluator does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prunetune.evaluators.importance import SORTED_SCORES_FILE, permute_model
+
+    unsorted = make_settings(tiny_dirs[False])
+    Evaluator(unsorted)  # computes and caches the checkpoint's scores
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[False])
+    in_order = permute_model(model, ImportanceScores.load(importance_cache_path(unsorted)))
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_dirs[False]).save_pretrained(tmp_path)
+    in_order.save(tmp_path / SORTED_SCORES_FILE)
+    settings = make_settings(str(tmp_path))
+    group = ShardedEvaluatorGroup(settings, "group-tp-sorted", ShardingSettings(2, "tp", timeout_s=60))
+    try:
+        single = Evaluator(settings)
+        for subnet in (SUBNETS["fewer-heads"], SUBNETS["mixed"]):
+            sharded = group.evaluate(subnet.to_json(), ["perplexity"])
+            assert sharded["perplexity"] == pytest.approx(
+                single.evaluate(subnet, ["perplexity"])["perplexity"], rel=1e-5)
+    finally:
+        group.shutdown()

@@ -27,7 +27,8 @@ from torch import nn
 
 from prunetune.evaluators.contract import compute_scores, sorting_scores
 from prunetune.evaluators.importance import (
-    ImportanceScores, InputSlices, local_input_slices, local_part, permute_model, striped,
+    ImportanceScores, InputSlices, in_model_order, local_input_slices, local_part, permute_model,
+    striped,
 )
 from prunetune.evaluators.model import is_config_file
 from prunetune.evaluators.perplexity import WindowLoss, logit_chunks
@@ -119,30 +120,33 @@ class TensorParallelHolding(SlicedHolding):
             model = load_tensor_parallel(source, ctx.dtype)
         self.model = model
         self.dims = ModelDims.from_config(model.config)
-        self.slices = local_input_slices(model, ctx.rank, ctx.world)
-        self.scores = sorting_scores(ctx.settings, lambda: self._scores(tokenizer),
+        loaded = local_input_slices(model, ctx.rank, ctx.world)
+        self.scores = sorting_scores(ctx.settings, lambda: self._scores(tokenizer, loaded),
                                      ctx.from_rank0, ctx.rank == 0)
-        permute_model(model, self.scores or model_order(self.dims), stripes=ctx.world)
+        in_order = self.scores is None or in_model_order(self.scores)
+        permute_model(model, model_order(self.dims) if in_order else self.scores,
+                      stripes=ctx.world)
         self.slices = striped_slices(self.dims, ctx.rank, ctx.world)
         rows = ctx.settings.batch_size * (ctx.settings.seq_len - 1)
         self.loss = WindowLoss(model, logit_chunks(rows, model.config.vocab_size)).eval()
         return tokenizer
 
-    def _scores(self, tokenizer: Any) -> ImportanceScores:
-        """Activation scores of the sliced model, every rank running the same batches."""
+    def _scores(self, tokenizer: Any, slices: InputSlices) -> ImportanceScores:
+        """Activation scores of the model as loaded (each rank holding `slices`), every
+        rank running the same batches."""
         require_activation_importance(self.ctx.settings, "tp")
-        return sum_over_ranks(compute_scores(self.model, tokenizer, self.ctx.settings,
-                                             self.slices))
+        return sum_over_ranks(compute_scores(self.model, tokenizer, self.ctx.settings, slices))
 
     def masked(self, subnet: SubnetConfig) -> AbstractContextManager[nn.Module]:
-        """The rank's model computing its part of `subnet`: each kept layer with its kept
-        heads and neurons only (`sliced_layers`), removed layers and channels masked."""
+        """The rank's model computing its part of `subnet` at its own widths
+        (`sliced_evaluation`)."""
         return sliced_evaluation(self.model, subnet, self.slices, self.dims)
 
 
 def model_order(d: ModelDims) -> ImportanceScores:
     """Scores that rank every head and neuron in the model's own order (first is most
-    important): what the ranks stripe by when the search uses no importance."""
+    important): what the ranks stripe by when the search uses no importance, or when the
+    weights are sorted already (a trained super-network's checkpoint)."""
     def falling(n: int) -> torch.Tensor:
         return -torch.arange(n, dtype=torch.float32)
 
