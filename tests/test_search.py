@@ -207,7 +207,8 @@ def partial_batches(run_dir: Path, batch: int) -> list[str]:
 def test_kill_9_in_the_middle_of_a_batch_then_resume_loses_and_repeats_nothing(tmp_path, standin_env) -> None:
     """Trials of 4 sub-networks on 2 evaluators: the driver is killed once a trial has
     logged some of its sub-networks but not all; the resumed search evaluates the rest of
-    that batch and every other proposal once."""
+    that batch and every other proposal once. Nothing logged is evaluated again; only an
+    evaluation that was running when the driver died (its row unwritten) may be, once."""
     run_dir = tmp_path / "run"
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec(run_dir, algorithm={"num_samples": 16},
@@ -220,7 +221,10 @@ def test_kill_9_in_the_middle_of_a_batch_then_resume_loses_and_repeats_nothing(t
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert partial_batches(run_dir, 4), "no batch was half done when the driver was killed"
-    assert len(ResultLog(str(run_dir)).read()) < 17
+    time.sleep(2)  # the run's actors outlive their driver briefly, and may finish work
+    logged = set(ResultLog(str(run_dir)).read()["config_hash"])
+    assert len(logged) < 17
+    before = len(evaluated(standin_env))
 
     resumed = driver("resume", run_dir, env)
     assert resumed.wait(timeout=300) == 0
@@ -228,7 +232,10 @@ def test_kill_9_in_the_middle_of_a_batch_then_resume_loses_and_repeats_nothing(t
     trials = rows[rows["trial_id"] != "dense"]
     assert len(trials) == 16 and rows["config_hash"].is_unique
     calls = evaluated(standin_env)
-    assert len(calls) == len(set(calls)) == 17, Counter(calls).most_common(3)
+    after = calls[before:]
+    assert not logged & set(after), "a logged sub-network was evaluated again"
+    assert len(after) == len(set(after)) == 17 - len(logged)
+    assert len(calls) - len(set(calls)) <= 2, Counter(calls).most_common(3)
 
 
 def test_resume_names_a_directory_that_is_not_a_run(tmp_path) -> None:
