@@ -191,8 +191,10 @@ def sliced_evaluation(model: nn.Module, subnet: SubnetConfig, slices: InputSlice
             kv, q, m = subnet.kv_heads[j], subnet.q_per_kv[j], subnet.mlp[j]
             groups = kept_locally(group_positions, kv)
             neurons = kept_locally(slices.neurons, m)
-            sliced = _LayerSlices(groups if groups else None, q, neurons if neurons else None,
-                                  subnet.embed)
+            query = _kept_query_rows(d, groups or None, q, layers[i].get_submodule(a.attn)
+                                     .get_submodule(a.o).weight.device)
+            sliced = _LayerSlices(groups if groups else None, q, query,
+                                  neurons if neurons else None, subnet.embed)
             if groups:
                 masked_widths[0][j], masked_widths[1][j] = d.num_kv_heads, d.q_per_kv
             if neurons:
@@ -210,11 +212,13 @@ def sliced_evaluation(model: nn.Module, subnet: SubnetConfig, slices: InputSlice
 @dataclass(frozen=True)
 class _LayerSlices:
     """What one rank computes of one kept layer: its first `groups` key-value groups with
-    `q` query heads each (None: all, its heads masked), its first `neurons` (None: all,
-    masked), on the first `embed` residual channels."""
+    `q` query heads each (None: all, its heads masked), whose rows of the query projection
+    are `query`, its first `neurons` (None: all, masked), on the first `embed` residual
+    channels."""
 
     groups: int | None
     q: int
+    query: torch.Tensor | slice
     neurons: int | None
     embed: int
 
@@ -224,26 +228,27 @@ Part = tuple[nn.Module, str, torch.Tensor]
 
 
 def _part(module: nn.Module, name: str, rows: torch.Tensor | slice,
-          columns: slice = slice(None)) -> list[Part]:
+          columns: torch.Tensor | slice = slice(None)) -> list[Part]:
     """The `rows` (and, of a matrix, `columns`) of this rank's part of a parameter; a view
-    unless `rows` is an index; nothing for a missing bias."""
+    unless one of them is an index; nothing for a missing bias."""
     param = module._parameters.get(name)
     if param is None:
         return []
     local = local_part(param)
-    kept = local[rows.to(local.device)] if isinstance(rows, torch.Tensor) else local[rows]
+    kept = local[rows]
     return [(module, name, kept[:, columns] if kept.dim() == 2 else kept)]
 
 
-def _kept_query_rows(d: ModelDims, groups: int | None, q: int) -> torch.Tensor | slice:
+def _kept_query_rows(d: ModelDims, groups: int | None, q: int,
+                     device: torch.device) -> torch.Tensor | slice:
     """The rank's query rows of its first `groups` groups, `q` heads each (all for None): a
-    prefix when every head of a group is kept."""
+    prefix when every head of a group is kept, else an index on `device`."""
     if groups is None:
         return slice(None)
     if q == d.q_per_kv:
         return slice(0, groups * q * d.head_dim)
     heads = (torch.arange(groups)[:, None] * d.q_per_kv + torch.arange(q)).reshape(-1)
-    return (heads[:, None] * d.head_dim + torch.arange(d.head_dim)).reshape(-1)
+    return (heads[:, None] * d.head_dim + torch.arange(d.head_dim)).reshape(-1).to(device)
 
 
 def _layer_parts(layer: nn.Module, a: Adapter, d: ModelDims, kept: _LayerSlices) -> list[Part]:
@@ -251,7 +256,7 @@ def _layer_parts(layer: nn.Module, a: Adapter, d: ModelDims, kept: _LayerSlices)
     residual channels."""
     attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
     channels = slice(0, kept.embed)
-    query = _kept_query_rows(d, kept.groups, kept.q)
+    query = kept.query  # an index on the weights' device, or a prefix
     kv = slice(None) if kept.groups is None else slice(0, kept.groups * d.head_dim)
     neurons = slice(None) if kept.neurons is None else slice(0, kept.neurons)
     readers = ((attn, a.q, query), (attn, a.k, kv), (attn, a.v, kv),
@@ -262,12 +267,7 @@ def _layer_parts(layer: nn.Module, a: Adapter, d: ModelDims, kept: _LayerSlices)
         parts += _part(module, "weight", rows, channels) + _part(module, "bias", rows)
     for parent, name, columns in ((attn, a.o, query), (mlp, a.down, neurons)):
         module = parent.get_submodule(name)
-        if isinstance(columns, torch.Tensor):
-            local = local_part(module.weight)
-            parts.append((module, "weight", local[channels][:, columns.to(local.device)]))
-        else:
-            parts += _part(module, "weight", channels, columns)
-        parts += _part(module, "bias", channels)
+        parts += _part(module, "weight", channels, columns) + _part(module, "bias", channels)
     for name in (a.input_norm, a.post_attn_norm):
         parts += _part(layer.get_submodule(name), "weight", channels)
     return parts
