@@ -7,6 +7,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pytest
@@ -158,6 +159,32 @@ def driver(command: str, target: Path, env: dict) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def one_second() -> dict[str, str]:
+    """The environment of a driver whose stand-in evaluations take one second (read when
+    called: the `standin_env` fixture sets the rest)."""
+    return {**os.environ, "PRUNETUNE_STANDIN_SECONDS": "1"}
+
+
+def killed_when(spec_file: Path, ready: Callable[[], bool]) -> None:
+    """A search driver started on `spec_file` and SIGKILLed, with everything it started in
+    its session, as soon as `ready()` holds (or after 240 s); the search must still run."""
+    process = driver("search", spec_file, one_second())
+    deadline = time.time() + 240
+    while not ready() and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, "the search ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def resumed_rows(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The log of the run after `prunetune resume` finished it: every row, and the trials'."""
+    resumed = driver("resume", run_dir, one_second())
+    assert resumed.wait(timeout=300) == 0
+    rows = ResultLog(str(run_dir)).read()
+    return rows, rows[rows["trial_id"] != "dense"]
+
+
 FILLED = {"preset": "uniform", "fill_to": [0.9, 0.7, 0.5]}
 
 
@@ -170,22 +197,12 @@ def test_kill_9_of_the_driver_then_resume_loses_and_repeats_nothing(tmp_path, st
     run_dir = tmp_path / "run"
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec(run_dir, algorithm={"num_samples": 14}, search_space=space).to_yaml())
-    env = {**os.environ, "PRUNETUNE_STANDIN_SECONDS": "1"}
-    process = driver("search", spec_file, env)
     log = ResultLog(str(run_dir))
-    deadline = time.time() + 240
-    while len(log.evaluated_hashes()) < 6 and time.time() < deadline:
-        time.sleep(0.5)
-    assert process.poll() is None, "the search ended before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    killed_when(spec_file, lambda: len(log.evaluated_hashes()) >= 6)
     killed_at = len(ResultLog(str(run_dir)).read())
     assert 6 <= killed_at < 15
 
-    resumed = driver("resume", run_dir, env)
-    assert resumed.wait(timeout=300) == 0
-    rows = ResultLog(str(run_dir)).read()
-    trials = rows[rows["trial_id"] != "dense"]
+    rows, trials = resumed_rows(run_dir)
     assert len(trials) == 14 and rows["config_hash"].is_unique
     calls = evaluated(standin_env)
     assert len(calls) == len(set(calls)) == 15, Counter(calls).most_common(3)
@@ -213,23 +230,14 @@ def test_kill_9_in_the_middle_of_a_batch_then_resume_loses_and_repeats_nothing(t
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec(run_dir, algorithm={"num_samples": 16},
                               resources={"subnets_per_trial": 4}).to_yaml())
-    env = {**os.environ, "PRUNETUNE_STANDIN_SECONDS": "1"}
-    process = driver("search", spec_file, env)
-    deadline = time.time() + 240
-    while not partial_batches(run_dir, 4) and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    killed_when(spec_file, lambda: bool(partial_batches(run_dir, 4)))
     assert partial_batches(run_dir, 4), "no batch was half done when the driver was killed"
     time.sleep(2)  # the run's actors outlive their driver briefly, and may finish work
     logged = set(ResultLog(str(run_dir)).read()["config_hash"])
     assert len(logged) < 17
     before = len(evaluated(standin_env))
 
-    resumed = driver("resume", run_dir, env)
-    assert resumed.wait(timeout=300) == 0
-    rows = ResultLog(str(run_dir)).read()
-    trials = rows[rows["trial_id"] != "dense"]
+    rows, trials = resumed_rows(run_dir)
     assert len(trials) == 16 and rows["config_hash"].is_unique
     calls = evaluated(standin_env)
     after = calls[before:]
