@@ -410,10 +410,7 @@ class Spec(_Section):
                                "wanda scores weights by the input norms of the activation "
                                "calibration pass; set evaluation.importance: activation or "
                                "use method: magnitude")
-        if self.resources.sharding != "none":
-            raise _field_error("search_space.sparsity",
-                               f"weight sparsity needs whole weights on one device; "
-                               f"sharding: {self.resources.sharding} splits them")
+        self._refuse_sharding("search_space.sparsity", "weight sparsity needs whole weights")
         return self
 
     @model_validator(mode="after")
@@ -424,11 +421,15 @@ class Spec(_Section):
             raise _field_error("evaluation.importance",
                                "the disp preset chooses each block's channels by the "
                                "activations of the calibration pass; set importance: activation")
-        if self.resources.sharding != "none":
-            raise _field_error("search_space.preset",
-                               f"disp needs whole layers on one device; sharding: "
-                               f"{self.resources.sharding} splits them")
+        self._refuse_sharding("search_space.preset", "disp needs whole layers")
         return self
+
+    def _refuse_sharding(self, field: str, needs: str) -> None:
+        """Name `field` when the evaluators shard the model: `needs` (what it needs whole)
+        on one device."""
+        if self.resources.sharding != "none":
+            raise _field_error(field, f"{needs} on one device; sharding: "
+                                      f"{self.resources.sharding} splits them")
 
     @model_validator(mode="after")
     def _sharding_needs_masks(self) -> "Spec":
