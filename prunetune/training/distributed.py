@@ -18,13 +18,16 @@ Super-network training (`supernet.SupernetJob`) is the other job.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -438,7 +441,7 @@ def restore(engine: Any, identity: dict[str, Any]) -> Progress:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return Progress()
-    with checkpoint.as_directory() as folder:
+    with checkpoint_folder(checkpoint) as folder:
         _, client = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
     refuse_other_run(checkpoint.path, client["identity"], identity)
     return Progress(**client["progress"])
@@ -474,11 +477,50 @@ def report_finished(result: DistillResult) -> None:
 
 def finished_result(checkpoint: Any) -> DistillResult | None:
     """The result a finished run's last checkpoint holds; None for an unfinished run."""
+    import pyarrow.fs
+
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as folder:
-        path = Path(folder) / FINISHED_FILE
-        return DistillResult(**json.loads(path.read_text())) if path.is_file() else None
+    path = f"{checkpoint.path}/{FINISHED_FILE}"
+    if checkpoint.filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with checkpoint.filesystem.open_input_stream(path) as stream:
+        return DistillResult(**json.loads(stream.read()))
+
+
+@contextmanager
+def checkpoint_folder(checkpoint: Any) -> Iterator[str]:
+    """A local folder holding a Ray Train checkpoint, for every worker of the run.
+
+    A local checkpoint is read where it is. A remote one (`s3://`, `gs://`) is downloaded
+    once per node, by the node's first worker, into a folder the node's workers share and
+    that is deleted when all of them have read it. (Ray's own `Checkpoint.as_directory`
+    does this with file locks, and fails when one worker deletes the folder as another
+    arrives: "Checkpoint directory ... does not exist".)
+    """
+    import pyarrow.fs
+    import ray.train
+    import torch.distributed as dist
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    digest = hashlib.sha256(checkpoint.path.encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"prunetune-checkpoint-{digest}"
+    first = ray.train.get_context().get_local_rank() == 0
+    together = dist.is_initialized() and dist.get_world_size() > 1
+    if first:
+        shutil.rmtree(folder, ignore_errors=True)
+        checkpoint.to_directory(str(folder))
+    if together:
+        dist.barrier()
+    try:
+        yield str(folder)
+    finally:
+        if together:
+            dist.barrier()
+        if first:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def finish_on_first(student: nn.Module, finish: Finish, rank: int, zero_stage: int) -> None:
