@@ -170,6 +170,7 @@ def test_a_partitioned_teacher_needs_several_workers(tiny_run, tmp_path, capsys)
     assert "--teacher partitioned partitions the teacher" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_supernet_writes_a_model_a_spec_can_name(tiny_run, tmp_path, capfd) -> None:
     out = tmp_path / "supernet"
     assert main(["train-supernet", str(tiny_run / "spec.yaml"), "--out", str(out),
