@@ -15,7 +15,9 @@ for 256 random sub-networks of the `per_layer` space. This script
    up, never approximated. One evaluator, trials one after another; the dense model is
    evaluated first (32 windows) and counted, as `prunetune search` does. With
    `--surrogate 16` a method is also run with the real `Surrogate` (spec defaults),
-   choosing one of 16 proposals per trial; `--max-perplexity` tells it that constraint.
+   choosing one of 16 proposals per trial. `--max-perplexity` tells every search the
+   constraint `perplexity <= X`: it bounds the surrogate's hypervolume and drops
+   multi-fidelity screens above X; a search with neither cannot use it.
 
 Cost is counted in window-evaluations (one window of 512 tokens through a sub-network,
 whatever its size). Quality is the hypervolume of the full-fidelity front in (mean loss,
@@ -54,8 +56,10 @@ from ray.tune.search import Searcher
 from scipy.stats import kendalltau, spearmanr
 
 from prunetune.orchestrator.algorithms import ALGORITHMS, GuardedSearcher, make_algorithm
-from prunetune.orchestrator.spec import SurrogateSpec
-from prunetune.orchestrator.fidelity import Fidelity, Reference, Span, evaluate_in_rungs, reference
+from prunetune.orchestrator.spec import Constraint, SurrogateSpec
+from prunetune.orchestrator.fidelity import (
+    Fidelity, Reference, Span, evaluate_in_rungs, loss_ceiling, reference,
+)
 from prunetune.orchestrator.results import DENSE_TRIAL, ResultLog, make_row
 from prunetune.orchestrator.surrogate import Surrogate
 from prunetune.search_spaces.cost import count_params
@@ -71,6 +75,11 @@ CORRELATION_WINDOWS = (1, 2, 4, 8, 16)
 MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1)
 BASELINE = ("random", (), 1)
 SURROGATE = SurrogateSpec()
+MAX_SUBNETS = 192
+"""A search also ends once it has scored this many of the space's 256 sub-networks: with
+screens dropped at 2 windows a search can cover the space before its window budget, and
+its last proposals mostly repeat known sub-networks, each ask of a model-based sampler
+slower as its history grows."""
 
 
 @dataclass
@@ -211,14 +220,18 @@ def best_hypervolume(table: Table) -> float:
 
 
 def replay_search(table: Table, algorithm: str, rungs: tuple[int, ...], margin: float, seed: int,
-                  budget: int, candidates: int = 1, limits: dict[str, float] | None = None) -> dict[str, Any]:
+                  budget: int, candidates: int = 1,
+                  max_perplexity: float | None = None) -> dict[str, Any]:
     """One search until `budget` window-evaluations: its trace of (windows spent,
     hypervolume, evaluator calls) after each trial. `candidates` > 1: the surrogate picks
-    one of that many proposals per trial (`algorithm.surrogate` at its spec defaults),
-    told the objectives' `limits` (what a constraint such as `perplexity <= 1000` gives it)."""
+    one of that many proposals per trial (`algorithm.surrogate` at its spec defaults).
+    `max_perplexity`: the search is told the constraint `perplexity <= max_perplexity`,
+    which bounds the surrogate's hypervolume and drops multi-fidelity screens above it."""
     started = time.perf_counter()
     space = make_space("uniform", table.model_config, layer_order=table.layer_order)
-    fidelity = Fidelity(table.windows, rungs, margin)
+    told = [] if max_perplexity is None else [Constraint("perplexity", "<=", max_perplexity, False)]
+    limits = {c.metric: c.value for c in told}
+    fidelity = Fidelity(table.windows, rungs, margin, loss_ceiling(told, {}))
     with tempfile.TemporaryDirectory() as run_dir:
         replay = Replay(table, space, fidelity, run_dir)
         replay.evaluate(replay.dense, DENSE_TRIAL, always_promote=True)
@@ -228,7 +241,7 @@ def replay_search(table: Table, algorithm: str, rungs: tuple[int, ...], margin: 
             space, OBJECTIVES, lambda subnet: {"params": count_params(table.model_config, subnet)},
             candidates, SURROGATE.min_rows, SURROGATE.optimism, fidelity, limits)
         searcher = GuardedSearcher(proposer, space, OBJECTIVES, run_dir, lambda subnet: True,
-                                   len(replay.table_losses), fidelity, surrogate)
+                                   MAX_SUBNETS, fidelity, surrogate)
         trace = [(replay.spent, replay.hypervolume(), replay.calls)]
         trial = 0
         while replay.spent < budget:
@@ -368,8 +381,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="proposals the surrogate chooses among per trial; 1: no surrogate "
                         "(e.g. 1 8 compares without and with)")
     p.add_argument("--max-perplexity", type=float,
-                   help="tell the surrogate the constraint perplexity <= this (the others "
-                        "cannot use it: in the replay it only bounds the surrogate's hypervolume)")
+                   help="tell the searches the constraint perplexity <= this (it bounds the "
+                        "surrogate's hypervolume and drops multi-fidelity screens above it)")
     p.add_argument("--jobs", type=int, default=2, help="searches replayed in parallel")
     p.add_argument("--out", type=Path, default=HERE / "results")
     return p.parse_args(argv)
@@ -381,8 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     correlations, rule = rank_correlations(table), rule_with_every_row_known(table)
     methods = [(a, r, c) for a in args.algorithms for r in ((), args.rungs) for c in args.surrogate]
     methods = ([] if BASELINE in methods else [BASELINE]) + methods
-    limits = {} if args.max_perplexity is None else {"perplexity": args.max_perplexity}
-    jobs = [(table, algorithm, rungs, args.margin, seed, args.budget, candidates, limits)
+    jobs = [(table, algorithm, rungs, args.margin, seed, args.budget, candidates, args.max_perplexity)
             for algorithm, rungs, candidates in methods
             for seed in range(args.first_seed, args.first_seed + args.seeds)]
     started = time.perf_counter()

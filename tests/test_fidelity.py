@@ -15,10 +15,13 @@ import pytest
 from prunetune.orchestrator.algorithms import GuardedSearcher, LocalSearch
 from prunetune.orchestrator.callbacks import write_front_files
 from prunetune.orchestrator.fidelity import (
-    Fidelity, Reference, Span, combine, evaluate_in_rungs, full_estimate, promote, reference,
+    Fidelity, Reference, Span, combine, evaluate_in_rungs, full_estimate, loss_ceiling, promote,
+    reference,
 )
 from prunetune.orchestrator.pareto import full_fidelity, merge_fronts, pareto_front
 from prunetune.orchestrator.results import ResultLog, make_row
+from prunetune.orchestrator.search import spec_fidelity
+from prunetune.orchestrator.spec import Constraint, Spec
 from prunetune.search_spaces.spaces import make_space
 from prunetune.search_spaces.subnet import SubnetConfig
 from standin import SMOLLM2_CONFIG
@@ -90,6 +93,38 @@ def test_promotion_reads_maximised_objectives_and_an_empty_reference() -> None:
     empty = Reference(costs=np.zeros((0, 1)), rung_nll=np.zeros(0))
     assert promote(worse, empty, objectives, 0.05)
     assert not promote({"status": "failed", "nll": None}, empty, objectives, 0.05)
+
+
+@pytest.mark.parametrize("rung_nll, promoted", [
+    (4.0, True),     # 4.0 * 1.1 = 4.4 at full fidelity: under the ceiling of ln 100 = 4.61
+    (4.3, True),     # 4.73: above the ceiling, but within the 5% margin of it
+    (4.5, False),    # 4.95: above the ceiling by more than the margin
+])
+def test_a_screen_whose_full_fidelity_estimate_breaks_a_quality_constraint_is_dropped(
+        rung_nll: float, promoted: bool) -> None:
+    """The smallest sub-network so far is never beaten by a no-larger one, so only the
+    constraint's ceiling can drop it."""
+    ref = make_reference([100.0], [3.0], ratio=1.1)
+    tiny = {"status": "ok", "nll": rung_nll, "perplexity": math.exp(rung_nll), "params": 10.0}
+    ceiling = loss_ceiling([Constraint.parse("perplexity <= 100")], {})
+    assert promote(tiny, ref, OBJECTIVES, 0.05) is True
+    assert promote(tiny, ref, OBJECTIVES, 0.05, ceiling) is promoted
+
+
+def test_the_loss_ceiling_is_the_tightest_upper_bound_on_perplexity_or_loss() -> None:
+    dense = {"perplexity": 20.0, "nll": math.log(20.0), "params": 1e6}
+    parse = Constraint.parse
+    assert loss_ceiling([], dense) == math.inf
+    assert loss_ceiling([parse("params <= 0.5 * dense"), parse("perplexity >= 2")], dense) == math.inf
+    assert loss_ceiling([parse("perplexity <= 40 * dense")], dense) == pytest.approx(math.log(800.0))
+    assert loss_ceiling([parse("perplexity <= 40 * dense"), parse("nll < 5")], dense) == 5.0
+
+
+def test_a_search_screens_against_the_ceiling_of_its_spec_once_the_dense_model_is_scored() -> None:
+    spec = Spec.model_validate({"model": "m", "constraints": ["perplexity <= 10 * dense"],
+                                "evaluation": {"windows": 8, "fidelity": {"rungs": [2]}}})
+    assert spec_fidelity(spec).ceiling == math.inf
+    assert spec_fidelity(spec, {"perplexity": 30.0}).ceiling == pytest.approx(math.log(300.0))
 
 
 def test_the_reference_holds_every_row_at_the_rung_and_the_full_to_rung_ratio() -> None:

@@ -338,7 +338,7 @@ class GuardedSearcher(Searcher):
         if fidelity is None or fidelity.windows_of(row) >= fidelity.windows:
             return False
         return promote(row, self._reference(fidelity.windows_of(row)), self.objectives,
-                       fidelity.margin)
+                       fidelity.margin, fidelity.ceiling)
 
     def _reference(self, rung: int) -> Reference:
         """The reference at a rung from the log, kept until the next trial completes."""

@@ -25,13 +25,19 @@ the cheap end of the front.
 The algorithm is told a dropped proposal's loss scaled to full fidelity (by the median
 ratio of full to rung loss of the sub-networks scored both ways), so a proposal scored on
 easy first windows does not look better than the front that dominates it.
+
+A quality constraint (`perplexity <= 40 * dense`, `nll < 5`) drops a screen too: one whose
+loss, scaled to full fidelity, is above the constraint's bound by more than the margin
+(`loss_ceiling`). Without it every sub-network smaller than all scored so far is promoted
+(nothing no larger beats it), and a search spends full evaluations on tiny sub-networks
+with perplexities in the thousands, which the user has already ruled out.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 import pandas as pd
@@ -39,13 +45,15 @@ import pandas as pd
 from prunetune.evaluators.perplexity import perplexity_metrics
 from prunetune.metrics import SCREENED_METRICS
 from prunetune.orchestrator.pareto import full_fidelity, objective_matrix
+from prunetune.orchestrator.spec import Constraint
 
 Span = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class Fidelity:
-    """Full fidelity (`windows`), the rungs a proposal is screened at, and the margin.
+    """Full fidelity (`windows`), the rungs a proposal is screened at, the margin, and the
+    highest full-fidelity loss the constraints allow (`ceiling`, `loss_ceiling`).
 
     No rungs: every proposal is scored on every window at once, as without multi-fidelity.
     """
@@ -53,6 +61,7 @@ class Fidelity:
     windows: int
     rungs: tuple[int, ...] = ()
     margin: float = 0.02
+    ceiling: float = math.inf
 
     def __post_init__(self) -> None:
         if list(self.rungs) != sorted(set(self.rungs)) or any(not 0 < r < self.windows for r in self.rungs):
@@ -107,18 +116,30 @@ def reference(rows: pd.DataFrame, rung: int, objectives: Mapping[str, str]) -> R
 
 
 def promote(row: Mapping[str, Any], ref: Reference, objectives: Mapping[str, str],
-            margin: float) -> bool:
-    """Whether a rung row could still reach the front at full fidelity: no sub-network
-    scored at the rung is at least as good in every other objective and lower in loss on
-    the same windows by more than `margin` (relative). A sub-network it compares with need
-    not be scored in full: the first windows rank sub-networks as all of them do, so one
-    that beats it there would dominate it at full fidelity too."""
+            margin: float, ceiling: float = math.inf) -> bool:
+    """Whether a rung row could still reach the front at full fidelity: its loss scaled to
+    full fidelity is within `margin` (relative) of the `ceiling` the constraints allow, and
+    no sub-network scored at the rung is at least as good in every other objective and
+    lower in loss on the same windows by more than `margin`. A sub-network it compares with
+    need not be scored in full: the first windows rank sub-networks as all of them do, so
+    one that beats it there would dominate it at full fidelity too."""
     if row.get("status") != "ok" or row.get("nll") is None:
+        return False
+    if row["nll"] * ref.full_ratio > ceiling * (1 + margin):
         return False
     others = other_objectives(objectives)
     costs = objective_matrix(pd.DataFrame([dict(row)]), others)[0] if others else np.zeros(0)
     beaten = (ref.costs <= costs).all(axis=1) & (ref.rung_nll * (1 + margin) < row["nll"])
     return not beaten.any()
+
+
+def loss_ceiling(constraints: Iterable[Constraint], dense: Mapping[str, float]) -> float:
+    """The highest full-fidelity loss (mean negative log-likelihood) that the upper bounds on
+    perplexity or loss among `constraints` allow (`dense`: the dense model's metrics, for
+    bounds relative to it); infinity without one."""
+    upper = [c for c in constraints if c.metric in SCREENED_METRICS and c.op in ("<=", "<")]
+    return min((math.log(c.threshold(dense)) if c.metric == "perplexity" else c.threshold(dense)
+                for c in upper), default=math.inf)
 
 
 def full_estimate(row: Mapping[str, Any], ref: Reference) -> dict[str, Any]:
@@ -155,7 +176,8 @@ def evaluate_in_rungs(fidelity: Fidelity, objectives: Mapping[str, str], host: R
     row = stored
     for start, stop in fidelity.spans(0 if row is None else fidelity.windows_of(row)):
         if row is not None and not (row.get("status") == "ok" and (
-                always_promote or promote(row, host.reference(start), objectives, fidelity.margin))):
+                always_promote or promote(row, host.reference(start), objectives,
+                                              fidelity.margin, fidelity.ceiling))):
             return row
         result = host.measure((start, stop))
         if row is not None and result.get("status") == "ok":

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 
 import ray
 from ray import tune
@@ -23,7 +23,7 @@ from prunetune.orchestrator.algorithms import GuardedSearcher, make_algorithm
 from prunetune.orchestrator.batches import BatchSearcher, concurrent_trials, subnets_per_trial
 from prunetune.orchestrator.callbacks import FrontCallback, write_front_files
 from prunetune.orchestrator.console import say
-from prunetune.orchestrator.fidelity import Fidelity
+from prunetune.orchestrator.fidelity import Fidelity, loss_ceiling
 from prunetune.orchestrator.surrogate import spec_surrogate
 from prunetune.orchestrator.pool import HEAD, NAMESPACE, evaluator_class_for, start_pool
 from prunetune.orchestrator.results import DENSE_TRIAL
@@ -110,10 +110,14 @@ def _dense_row(context: TrialContext) -> dict[str, Any]:
     return evaluate_batch(context, [dense], [DENSE_TRIAL], always_promote=True)[0]
 
 
-def spec_fidelity(spec: Spec) -> Fidelity:
-    """The fidelities the spec's evaluation scores sub-networks at."""
+def spec_fidelity(spec: Spec, dense: Mapping[str, Any] | None = None) -> Fidelity:
+    """The fidelities the spec's evaluation scores sub-networks at; with the dense model's
+    row, the loss ceiling of its quality constraints too (the dense model is scored in
+    full before any screen)."""
     e = spec.evaluation
-    return Fidelity(windows=e.windows, rungs=tuple(e.fidelity.rungs), margin=e.fidelity.margin)
+    ceiling = math.inf if dense is None else loss_ceiling(spec.parsed_constraints(), dense)
+    return Fidelity(windows=e.windows, rungs=tuple(e.fidelity.rungs), margin=e.fidelity.margin,
+                    ceiling=ceiling)
 
 
 def run_search(spec: Spec, evaluator_class: type | None = None, resume: bool = False,
@@ -138,6 +142,7 @@ def run_search(spec: Spec, evaluator_class: type | None = None, resume: bool = F
                            spec.metrics_needed(), spec.evaluation.seq_len, dict(spec.objectives),
                            spec_fidelity(spec))
     dense = _dense_row(context)
+    context = replace(context, fidelity=spec_fidelity(spec, dense))
     layer_order = infos[0].get("layer_order")
     supernet = supernet_record(spec.model)
     if supernet is not None:
@@ -195,7 +200,7 @@ def _new_tuner(spec: Spec, space: SearchSpace, objectives: dict[str, str], run_d
     feasible = Feasibility(spec.parsed_constraints(), model_config,
                            {k: v for k, v in dense.items() if isinstance(v, (int, float))},
                            spec.evaluation.seq_len, 2)
-    fidelity = spec_fidelity(spec)
+    fidelity = spec_fidelity(spec, dense)
     guard = GuardedSearcher(algorithm, space, objectives, run_dir, feasible,
                             spec.algorithm.num_samples, fidelity,
                             spec_surrogate(spec, space, model_config, dense, fidelity))
