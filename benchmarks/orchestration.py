@@ -18,10 +18,11 @@ and the pool's growth per 1,000 evaluations).
 `--parts` times instead, in this process and without Ray, what the head does per
 evaluation besides Ray and Tune, against the rows already logged: a Parquet part of one
 row and of 64 rows, the front files rewritten, a proposal of the guarded random
-searcher one at a time and in batches of 64, and a proposal of the local search with as
-many results as rows logged.
+searcher one at a time and in batches of 64, and a proposal of each `--proposers`
+algorithm (default: the local search) told as many results as rows logged.
 
     python benchmarks/orchestration.py --parts 1000 10000 100000
+    python benchmarks/orchestration.py --parts 100 1000 --proposers random nsga2 tpe local
 
 `--seconds 0` measures the bookkeeping's ceiling: evaluations that take no time, so the
 rate is what the driver, the pool and the trials turn around, and the CPU time per
@@ -291,10 +292,11 @@ def timed(action: Any, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def head_costs(logged: int) -> dict[str, float]:
+def head_costs(logged: int, proposers: list[str]) -> dict[str, Any]:
     """Milliseconds of the head's own work with `logged` rows in the log: per row appended
-    (one part per row, one per 64 rows), per rewrite of the front files, and per proposal
-    of the guarded random searcher (asked one at a time, and 64 at a time)."""
+    (one part per row, one per 64 rows), per rewrite of the front files, per proposal of
+    the guarded random searcher (asked one at a time, and 64 at a time), and per proposal
+    of each of the `proposers` told as many results as rows logged."""
     from prunetune.orchestrator.algorithms import GuardedSearcher, make_algorithm
     from prunetune.orchestrator.callbacks import write_front_files
     from prunetune.search_spaces.spaces import make_space
@@ -315,19 +317,21 @@ def head_costs(logged: int) -> dict[str, float]:
         batched = timed(lambda: guard.suggest_batch([f"b{next(asked)}" for _ in range(64)]), 4) * 1e3 / 64
     return {"logged": logged, "append_row_ms": one, "append_row_in_64_ms": batch,
             "front_rewrite_ms": front, "suggest_ms": single, "suggest_in_64_ms": batched,
-            "local_suggest_ms": local_proposal_ms(logged)}
+            "proposal_ms": {name: proposal_ms(name, logged) for name in proposers}}
 
 
-def local_proposal_ms(points: int) -> float:
-    """Milliseconds of one proposal of the local search (its result told back) once it has
-    `points` results, on the per-layer space of SmolLM2."""
+def proposal_ms(algorithm: str, points: int) -> float:
+    """Milliseconds of one proposal of `algorithm` (its result told back) once it has been
+    told `points` results, on the per-layer space of SmolLM2: what the searcher itself
+    costs as a search grows (a model-based sampler reads every result per proposal)."""
     import random
 
-    from prunetune.orchestrator.algorithms import LocalSearch
+    from prunetune.orchestrator.algorithms import make_algorithm
     from prunetune.search_spaces.spaces import make_space
 
     space = make_space("per_layer", SMOLLM2)
-    search = LocalSearch(space, {"perplexity": "min", "params": "min"}, seed=0, initial_random=8)
+    search = make_algorithm(algorithm, space, {"perplexity": "min", "params": "min"}, seed=0,
+                            population_size=8)
     rng = random.Random(0)
     told = iter(range(10**7))
 
@@ -339,7 +343,7 @@ def local_proposal_ms(points: int) -> float:
 
     for _ in range(points):
         propose_and_tell()
-    return timed(propose_and_tell, 64) * 1e3
+    return timed(propose_and_tell, 16) * 1e3
 
 
 def idle_gaps(rows: Any) -> Any:
@@ -432,6 +436,9 @@ def main() -> None:
     parser.add_argument("--out", help="JSON file of the results")
     parser.add_argument("--parts", type=int, nargs="+", metavar="ROWS",
                         help="time the head's own work per evaluation at these log sizes instead")
+    parser.add_argument("--proposers", nargs="+", default=["local"], metavar="ALGORITHM",
+                        help="with --parts: the algorithms whose proposal is timed (a "
+                             "model-based one told 10,000 results takes hours)")
     parser.add_argument("--plot", nargs="+", metavar=("PNG", "JSON"),
                         help="plot the JSON files' utilisation against evaluators instead")
     args = parser.parse_args()
@@ -439,13 +446,14 @@ def main() -> None:
         plot(args.plot[0], args.plot[1:])
         return
     if args.parts:
-        costs = [head_costs(rows) for rows in args.parts]
-        print("logged rows  append 1 row/part  append 64 rows/part  front rewrite  "
-              "suggest 1  suggest in 64  local suggest  (ms; per row, per rewrite, per proposal)")
+        costs = [head_costs(rows, args.proposers) for rows in args.parts]
+        print("logged rows  append 1 row/part  append 64 rows/part  front rewrite  suggest 1  "
+              "suggest in 64  " + "  ".join(f"{name} proposal" for name in args.proposers)
+              + "  (ms; per row, per rewrite, per proposal)")
         for c in costs:
             print(f"{c['logged']:>11}  {c['append_row_ms']:>17.2f}  {c['append_row_in_64_ms']:>19.3f}  "
                   f"{c['front_rewrite_ms']:>13.0f}  {c['suggest_ms']:>9.2f}  {c['suggest_in_64_ms']:>13.2f}  "
-                  f"{c['local_suggest_ms']:>13.2f}")
+                  + "  ".join(f"{c['proposal_ms'][name]:>{len(name) + 9}.2f}" for name in args.proposers))
         if args.out:
             Path(args.out).write_text(json.dumps({"machine": os.cpu_count(), "parts": costs}, indent=1))
         return
