@@ -104,6 +104,21 @@ def test_multi_fidelity_screens_first_windows_and_scores_no_window_twice(tmp_pat
     assert sorted(front["config_hash"]) == sorted(pareto_front(full, OBJECTIVES)["config_hash"])
 
 
+def test_a_quality_constraint_drops_the_screens_that_break_it(tmp_path, standin_env) -> None:
+    """Told `perplexity <= 1 * dense`, every screen of a sub-network smaller than the dense
+    model (worse, for the stand-in) is dropped at its rung: only the dense model is scored
+    on every window."""
+    outcome = run_search(spec(tmp_path / "run", algorithm={"name": "local", "num_samples": 6,
+                                                           "population_size": 4},
+                              constraints=["perplexity <= 1 * dense"],
+                              evaluation={"windows": 8, "fidelity": {"rungs": [2]}},
+                              resources={"evaluators": 1}),
+                         StandInEvaluator, num_cpus=4)
+    log = ResultLog(outcome.run_dir).read()
+    assert log["config_hash"].nunique() == 7
+    assert list(log.loc[log["fidelity"] == 8, "trial_id"]) == ["dense"]
+
+
 @pytest.mark.slow
 def test_same_seed_same_configs_other_seed_other_configs(tmp_path, standin_env) -> None:
     def configs(name: str, seed: int) -> list[str]:
