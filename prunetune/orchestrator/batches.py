@@ -24,7 +24,10 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from prunetune.orchestrator.algorithms import GuardedSearcher
+from prunetune.orchestrator.pool import HEAD
 
+TRIAL_CPUS = 0.01
+"""A trial waits on evaluators: it takes a sliver of a CPU."""
 TRIALS_ALIVE = 4
 """Trials alive at once (besides the spare) once the evaluators outnumber them: each
 trial carries evaluators / TRIALS_ALIVE sub-networks. With one sub-network per trial, a
@@ -40,11 +43,32 @@ def subnets_per_trial(evaluators: int, setting: int | str = "auto") -> int:
     return max(1, math.ceil(evaluators / TRIALS_ALIVE))
 
 
-def concurrent_trials(evaluators: int, batch: int) -> int:
-    """Trials Tune keeps alive: enough to cover every evaluator, and one spare. The spare
+def running_trials(evaluators: int, batch: int) -> int:
+    """Trials that run at once: enough to cover every evaluator, and one spare. The spare
     trial's sub-networks wait in the pool's queue and take each evaluator the moment it is
     released, so no evaluator waits while Tune turns a trial around."""
     return math.ceil(evaluators / batch) + 1
+
+
+def concurrent_trials(evaluators: int, batch: int) -> int:
+    """Trials Tune keeps: those running and one staged, waiting for a running one's
+    resources (`trial_resources`). Tune hands a finished trial's process to a trial that
+    is staged; with none staged it ends the process and starts a new Ray worker, which
+    imports torch and prunetune, for the next trial: at 8 evaluators of 0 s, those starts
+    took most of a 2-core head's CPU (benchmarks/README.md)."""
+    return running_trials(evaluators, batch) + 1
+
+
+def trial_resources(evaluators: int, batch: int) -> dict[str, float]:
+    """What a trial asks Ray for: a sliver of a CPU, on the head node (`pool.HEAD`, whose
+    resource has capacity 1 and gives the pool its share), with a share of that resource
+    such that `running_trials` fit beside the pool and one more does not, so that the
+    trial Tune keeps besides them (`concurrent_trials`) stays staged. (Ray counts
+    resources in steps of 1e-4: past about 100 running trials one more may fit, and
+    trials then start new processes, as they did before.)"""
+    (name, pool_share), = HEAD.items()
+    return {"cpu": TRIAL_CPUS,
+            name: (1 - pool_share) / (running_trials(evaluators, batch) + 0.5)}
 
 
 def member_id(trial_id: str, index: int) -> str:

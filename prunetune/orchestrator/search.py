@@ -20,12 +20,14 @@ from ray import tune
 
 from prunetune.cluster.connect import code_runtime_env, connect, storage_uri
 from prunetune.orchestrator.algorithms import GuardedSearcher, make_algorithm
-from prunetune.orchestrator.batches import BatchSearcher, concurrent_trials, subnets_per_trial
+from prunetune.orchestrator.batches import (
+    BatchSearcher, concurrent_trials, subnets_per_trial, trial_resources,
+)
 from prunetune.orchestrator.callbacks import FrontCallback, write_front_files
 from prunetune.orchestrator.console import say
 from prunetune.orchestrator.fidelity import Fidelity, loss_ceiling
 from prunetune.orchestrator.surrogate import spec_surrogate
-from prunetune.orchestrator.pool import HEAD, NAMESPACE, evaluator_class_for, start_pool
+from prunetune.orchestrator.pool import NAMESPACE, evaluator_class_for, start_pool
 from prunetune.orchestrator.results import DENSE_TRIAL
 from prunetune.orchestrator.run_record import (
     read_front, read_run_record, resolve_run_dir, run_spec, write_run_record, write_run_spec,
@@ -38,7 +40,6 @@ from prunetune.search_spaces.subnet import SubnetConfig
 from prunetune.training.supernet import supernet_record
 
 TUNE_NAME = "tune"
-TRIAL_CPUS = 0.01
 
 
 @dataclass
@@ -156,8 +157,10 @@ def run_search(spec: Spec, evaluator_class: type | None = None, resume: bool = F
     objectives = dict(spec.objectives)
     say(f"dense: {_objective_values(dense, objectives)}; searching {spec.algorithm.num_samples} "
         f"sub-networks ({spec.algorithm.name}, {spec.search_space.preset} space)")
+    r = spec.resources
+    batch = subnets_per_trial(r.evaluators, r.subnets_per_trial)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
-                                   {"cpu": TRIAL_CPUS, **HEAD})
+                                   trial_resources(r.evaluators, batch))
     callback = FrontCallback(run_dir, objectives, spec.algorithm.num_samples, dense["config_hash"])
     tune_path = os.path.join(storage_uri(run_dir), TUNE_NAME)
     if resume and tune.Tuner.can_restore(tune_path):
