@@ -167,8 +167,7 @@ def run_search(spec: Spec, evaluator_class: type | None = None, resume: bool = F
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
-        tuner = _new_tuner(spec, space, objectives, run_dir, trainable, callback, model_config,
-                           dense)
+        tuner = _new_tuner(spec, space, context, trainable, callback, dense, batch)
     start = time.perf_counter()
     tuner.fit()
     summary = write_front_files(run_dir, objectives, dense["config_hash"])
@@ -194,21 +193,20 @@ def _objective_values(row: dict[str, Any], objectives: dict[str, str]) -> str:
     return ", ".join(f"{name} {row[name]:,.4g}" for name in objectives if row.get(name) is not None)
 
 
-def _new_tuner(spec: Spec, space: SearchSpace, objectives: dict[str, str], run_dir: str,
-               trainable: Any, callback: FrontCallback, model_config: dict[str, Any],
-               dense: dict[str, Any]) -> tune.Tuner:
+def _new_tuner(spec: Spec, space: SearchSpace, context: TrialContext, trainable: Any,
+               callback: FrontCallback, dense: dict[str, Any], batch: int) -> tune.Tuner:
+    model_config, objectives, run_dir = context.model_config, context.objectives, context.run_dir
     initial = [space.encode(SubnetConfig.dense(model_config)), *warm_start_configs(spec, space)]
     algorithm = make_algorithm(spec.algorithm.name, space, objectives, spec.algorithm.seed,
                                spec.algorithm.population_size, initial)
     feasible = Feasibility(spec.parsed_constraints(), model_config,
                            {k: v for k, v in dense.items() if isinstance(v, (int, float))},
                            spec.evaluation.seq_len, 2)
-    fidelity = spec_fidelity(spec, dense)
+    fidelity = context.fidelity
     guard = GuardedSearcher(algorithm, space, objectives, run_dir, feasible,
                             spec.algorithm.num_samples, fidelity,
                             spec_surrogate(spec, space, model_config, dense, fidelity))
     r = spec.resources
-    batch = subnets_per_trial(r.evaluators, r.subnets_per_trial)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=BatchSearcher(guard, batch),
