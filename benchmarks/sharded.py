@@ -87,6 +87,12 @@ def executed_work(config: dict, subnet: SubnetConfig, sharding: str) -> SubnetCo
                         dense.embed)
 
 
+def evaluating_seconds(rows: pd.DataFrame) -> float:
+    """From the first search evaluation's start to the last one's end: the search's span
+    without the start of Tune and of its first trial process, which a long search pays once."""
+    return (rows["finished_at"].max() - rows["started_at"].min()).total_seconds()
+
+
 def run_layout(args: argparse.Namespace, layout: Layout) -> dict:
     """One search in this layout, and its throughput figures."""
     import ray
@@ -113,6 +119,7 @@ def run_layout(args: argparse.Namespace, layout: Layout) -> dict:
     executed = sum(forward_flops(config, executed_work(config, s, layout.sharding), args.seq_len)
                    for s in subnets) * args.windows
     per_gpu_second = search_seconds * devices * 1e12
+    evaluating = evaluating_seconds(ok)
     return {
         "layout": str(layout), "gpus": gpus, "trials": len(log) - 1, "failed": int((log["status"] != "ok").sum()),
         "build_seconds": max(e["load_seconds"] for e in record["evaluators"]),
@@ -122,6 +129,9 @@ def run_layout(args: argparse.Namespace, layout: Layout) -> dict:
         "tokens_per_s_per_gpu": tokens_per_gpu,
         "subnet_tflops_per_gpu": needed / per_gpu_second,
         "executed_tflops_per_gpu": executed / per_gpu_second,
+        "evaluating_seconds": evaluating,
+        "evaluations_per_hour_evaluating": len(ok) / evaluating * 3600,
+        "subnet_tflops_per_gpu_evaluating": needed / (evaluating * devices * 1e12),
         "mean_params_fraction": mean_params / dense_params,
         "windows": args.windows, "seq_len": args.seq_len, "batch": args.batch,
     }
@@ -146,13 +156,15 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         if args.out:
             args.out.write_text(json.dumps(rows, indent=2))
-    print("\n| layout | GPUs | build s | evals/h | median eval s | tokens/s/GPU | "
-          "sub-network TFLOP/s/GPU | executed TFLOP/s/GPU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| layout | GPUs | build s | evals/h | evals/h evaluating | median eval s | "
+          "params % | tokens/s/GPU | sub-network TFLOP/s/GPU (evaluating) | executed TFLOP/s/GPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layout']} | {r['gpus']} | {r['build_seconds']:.0f} | {r['evaluations_per_hour']:.0f} | "
-              f"{r['median_eval_seconds']:.1f} | {r['tokens_per_s_per_gpu']:,.0f} | "
-              f"{r['subnet_tflops_per_gpu']:.0f} | {r['executed_tflops_per_gpu']:.0f} |")
+              f"{r['evaluations_per_hour_evaluating']:.0f} | {r['median_eval_seconds']:.1f} | "
+              f"{100 * r['mean_params_fraction']:.1f} | {r['tokens_per_s_per_gpu']:,.0f} | "
+              f"{r['subnet_tflops_per_gpu']:.0f} ({r['subnet_tflops_per_gpu_evaluating']:.0f}) | "
+              f"{r['executed_tflops_per_gpu']:.0f} |")
 
 
 if __name__ == "__main__":
