@@ -70,7 +70,7 @@ def trial_resources(evaluators: int, batch: int) -> dict[str, float]:
     """What a trial asks Ray for: a sliver of a CPU, on the head node (`pool.HEAD`, whose
     resource has capacity 1 and gives the pool its share), with a share of that resource
     such that `running_trials` fit beside the pool and one more does not, so that the
-    trial Tune keeps besides them (`concurrent_trials`) stays staged. (Ray counts
+    trials Tune keeps besides them (`concurrent_trials`) stay staged. (Ray counts
     resources in steps of 1e-4: past about 100 running trials one more may fit, and
     trials then start new processes, as they did before.)"""
     (name, pool_share), = HEAD.items()
