@@ -62,6 +62,7 @@ def test_the_quick_start_is_two_commands() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)
 def test_a_fresh_clone_installs_as_the_readme_says_and_searches(tmp_path: Path) -> None:
     clone, venv, work = tmp_path / "clone", tmp_path / "venv", tmp_path / "work"
     subprocess.run(["git", "clone", "--quiet", str(checkout_root()), str(clone)], check=True)

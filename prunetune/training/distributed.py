@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from prunetune.evaluators.perplexity import model_device
+from prunetune.shared_memory import unlink_allreduce_buffer
 from prunetune.training.checkpoint import Progress, refuse_other_run, run_identity
 from prunetune.training.distill import (
     DistillResult, StepLog, check_inputs, checkpoint_due, cosine_schedule, freeze,
@@ -285,6 +286,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         zero_stage = agreed_zero_stage(trainable_params(student), free_bytes(device, world),
                                        world, device)
     engine = deepspeed_engine(student, settings, zero_stage, world)
+    unlink_allreduce_buffer()
     identity = job.identity(settings, windows)
     progress = restore(engine, identity)
     resumed_from = progress.step

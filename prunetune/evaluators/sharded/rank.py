@@ -28,6 +28,7 @@ from prunetune.evaluators.sharded.tp import TensorParallelHolding
 from prunetune.evaluators.sharded.zero3 import Zero3Holding
 from prunetune.metrics import wants_latency, wants_perplexity
 from prunetune.search_spaces.subnet import SubnetConfig
+from prunetune.shared_memory import unlink_allreduce_buffer
 
 HOLDINGS: dict[str, type[Holding]] = {"zero3": Zero3Holding, "tp": TensorParallelHolding,
                                       "autotp": AutoTPHolding}
@@ -95,6 +96,7 @@ class ShardRank:
             torch.cuda.set_device(self.device)
         deepspeed.init_distributed(dist_backend=self.backend, auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=timeout_s), verbose=False)
+        unlink_allreduce_buffer()
 
     def from_rank0(self, value: Any) -> Any:
         """Rank 0's `value` on every rank."""
