@@ -199,3 +199,29 @@ def test_a_filled_search_evaluates_logs_and_resumes_the_filled_sub_networks(tmp_
     later = [again.suggest(f"r{i}")["subnet"] for i in range(4)]
     assert again.skipped["known"] >= 8
     assert not set(later) & {c["subnet"] for c in handed}
+
+
+def test_an_algorithm_stuck_on_a_running_config_waits_for_its_result(tmp_path) -> None:
+    """An algorithm that ignores failures (Optuna's GP) may propose only the config that is
+    running: the guard answers "nothing now" (None), which Tune asks again later, not
+    FINISHED, which would end the search short; once that config is logged, FINISHED."""
+    from ray.tune.search import Searcher
+
+    from prunetune.orchestrator.algorithms import GuardedSearcher, make_algorithm
+
+    space = make_space("uniform", SMOLLM2_CONFIG)
+    favourite = make_algorithm("random", space, OBJECTIVES, seed=0, population_size=4).suggest("a")
+
+    class Stuck(Searcher):
+        def suggest(self, trial_id: str) -> dict:
+            return dict(favourite)
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            pass
+
+    run_dir = str(tmp_path)
+    searcher = GuardedSearcher(Stuck(), space, OBJECTIVES, run_dir, _always, budget=40)
+    running = searcher.suggest("t0")
+    assert searcher.suggest("t1") is None
+    _finish(searcher, "t0", running, run_dir)
+    assert searcher.suggest("t2") == Searcher.FINISHED

@@ -298,9 +298,14 @@ class GuardedSearcher(Searcher):
     def _draw(self, count: int) -> tuple[list[tuple[dict[str, Any], str, SubnetConfig]], Any]:
         """Up to `count` new, feasible, distinct proposals (config, the algorithm's id,
         sub-network), and what ended the drawing early (None: the algorithm has nothing now;
-        FINISHED: it is done, or it proposed nothing new `MAX_PROPOSALS` times)."""
+        FINISHED: it is done, or it proposed nothing new `MAX_PROPOSALS` times).
+
+        Proposals of running configs end it with None instead: an algorithm that ignores
+        failures (Optuna's GP) proposes its running favourite again and again, and proposes
+        something else once the running trial's result is told, so Tune asks again then."""
         taken = {h for h, _ in self.running.values()}
         drawn: list[tuple[dict[str, Any], str, SubnetConfig]] = []
+        waiting = False
         for _ in range(MAX_PROPOSALS):
             config, inner_id = self._propose()
             if config is None or config == Searcher.FINISHED:
@@ -312,12 +317,13 @@ class GuardedSearcher(Searcher):
                 stored = None
             if stored is not None or digest in taken or not self.feasible(subnet):
                 self._refuse(inner_id, stored, digest in taken)
+                waiting = waiting or (stored is None and digest in taken)
                 continue
             taken.add(digest)
             drawn.append((config, inner_id, subnet))
             if len(drawn) == count:
                 break
-        return drawn, Searcher.FINISHED
+        return drawn, None if waiting and self.running else Searcher.FINISHED
 
     def _propose(self) -> tuple[dict[str, Any] | None, str]:
         self.asks += 1
