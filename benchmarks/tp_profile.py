@@ -66,7 +66,8 @@ def profiled_evaluation(rank: Any, subnet_json: str, top: int) -> dict[str, Any]
     rows.sort(key=lambda row: -row[1])
     by_kind: dict[str, float] = {}
     for name, seconds, _ in rows:
-        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + seconds
+        kind = kind_of(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
     busy = sum(by_kind.values())
     return {"rank": rank.rank, "wall_s": wall, "busy_s": busy, "by_kind_s": by_kind,
             "uncovered_s": max(0.0, wall - busy) if cuda else None,
