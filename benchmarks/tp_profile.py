@@ -1,11 +1,15 @@
 """Where the time of one sharded evaluation goes, rank by rank.
 
 Builds one evaluator group on random weights of a config's shapes, times evaluations of
-`uniform` sub-networks at the given fractions of every width from the driver (as the pool
-calls them), then evaluates each once more under torch.profiler on every rank and prints
-the device time by kind of work: matrix products, attention, communication, the rest
-(norms, activations, copies, the loss), and the wall time not covered by device work
-(launches, Python, hooks, waiting on the other rank).
+sub-networks of the `uniform` search space (every layer kept, every width the given ratio
+of the dense one, on the space's grid of widths) from the driver (as the pool calls them),
+then evaluates each once more under torch.profiler on every rank and prints the device
+time by kind of work: matrix products, attention, communication, the rest (norms,
+activations, copies, the loss), and the wall time not covered by device work (launches,
+Python, hooks, waiting on the other rank). Only kernels count as device time: an
+operator's device time, or a collective's annotation on the device timeline (`nccl:...`),
+is its kernels' again. Communication kernels run on their own stream and include the time
+a rank waits for the other, so the kinds can add up to more than the wall time.
 
     python benchmarks/tp_profile.py --model tests/fixtures/configs/llama3-70b.json \\
         --ranks 2 --windows 64 --batch 4 --fractions 0.6 0.8
@@ -48,6 +52,7 @@ def profiled_evaluation(rank: Any, subnet_json: str, top: int) -> dict[str, Any]
     its wall seconds, the seconds of device kernels (or, on CPU, of operators' own time) by
     kind, and the `top` names by time."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = rank.device.type == "cuda"
@@ -60,6 +65,8 @@ def profiled_evaluation(rank: Any, subnet_json: str, top: int) -> dict[str, Any]
         wall = time.perf_counter() - start
     rows = []
     for event in prof.key_averages():
+        if cuda and (event.device_type != DeviceType.CUDA or event.is_user_annotation):
+            continue
         seconds = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e6
         if seconds > 0:
             rows.append((event.key, seconds, event.count))
@@ -80,7 +87,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--mode", default="tp")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.6, 0.8],
-                        help="each width of the `uniform` sub-networks, as a fraction")
+                        help="the `uniform` space's ratio of every width to profile")
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4)
@@ -94,8 +101,9 @@ def main() -> None:
 
     from prunetune.evaluators.settings import EvaluatorSettings, ShardingSettings
     from prunetune.evaluators.sharded.group import ShardedEvaluatorGroup
-    from prunetune.orchestrator.baselines import uniform_subnet
     from prunetune.search_spaces.cost import count_params
+    from prunetune.search_spaces.dims import ModelDims
+    from prunetune.search_spaces.spaces import make_space
     from prunetune.search_spaces.subnet import SubnetConfig
 
     # a CPU group takes one CPU per rank: enough for the ranks on a small machine
@@ -108,9 +116,10 @@ def main() -> None:
     print(f"group of {args.ranks} ({args.mode}) built in {group.load_seconds:.0f} s", flush=True)
     config = group.model_config()
     dense = count_params(config, SubnetConfig.dense(config))
+    space = make_space("uniform", config)
     results = []
     for fraction in args.fractions:
-        subnet = uniform_subnet(config, fraction)
+        subnet = space.decode({"depth": ModelDims.of(config).num_layers, "ratio": fraction})
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
@@ -119,7 +128,8 @@ def main() -> None:
             assert row["status"] == "ok", row["error"]
         ranks = ray.get([r.__ray_call__.remote(profiled_evaluation, subnet.to_json(), args.top)
                          for r in group.ranks])
-        result = {"fraction": fraction, "params_fraction": count_params(config, subnet) / dense,
+        result = {"fraction": fraction, "subnet": subnet.to_json(),
+                  "params_fraction": count_params(config, subnet) / dense,
                   "eval_s": times, "median_eval_s": statistics.median(times), "ranks": ranks}
         results.append(result)
         print(json.dumps(result), flush=True)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunetune.evaluators.norms import fused_norms
+
 LOGIT_CHUNK_ELEMENTS = 2**25
 """Float32 logits computed at once (128 MiB), which bounds the memory of the loss."""
 
@@ -70,9 +72,11 @@ def hidden_states(
     training saves for its backward pass anyway). Without a cache and a mask, transformers
     checks the positions for packed sequences, which reads a value back to the host: a
     host-device synchronisation in every forward pass, which a training step avoids.
+    The norms run fused (`norms.fused_norms`).
     """
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           use_cache=use_cache)
+    with fused_norms(model):
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                               use_cache=use_cache)
     return out.last_hidden_state
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from prunetune.evaluators.importance import (
     BlockChannels, InputNorms, InputSlices, magnitude_weight_scores, wanda_scores,
 )
+from prunetune.evaluators.norms import rms_norm
 from prunetune.search_spaces.dims import Adapter, ModelDims, adapter_for
 from prunetune.search_spaces.subnet import Sparsity, SubnetConfig
 
@@ -88,13 +89,11 @@ def _zero_channels_from(keep: int) -> Any:
 
 
 def _kept_channel_rmsnorm(keep: int) -> Any:
-    """RMSNorm whose mean of squares runs over the kept channels; the others are zero."""
+    """RMSNorm over the kept channels (`rms_norm`); the others are zero."""
     def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        x = hidden_states.to(torch.float32)
-        variance = x.pow(2).sum(-1, keepdim=True) / keep
-        x = x * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * x.to(input_dtype)
+        out = torch.zeros_like(hidden_states)
+        out[..., :keep] = rms_norm(self, hidden_states, keep)
+        return out
     return forward
 
 
