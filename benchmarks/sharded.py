@@ -93,6 +93,13 @@ def evaluating_seconds(rows: pd.DataFrame) -> float:
     return (rows["finished_at"].max() - rows["started_at"].min()).total_seconds()
 
 
+def busy_fraction(rows: pd.DataFrame, evaluators: int) -> float:
+    """The share of the evaluating span in which the evaluators evaluated: their summed
+    evaluation seconds over `evaluators` times the span. The rest is evaluators waiting,
+    on Tune or, at the end, on the last evaluation of another group."""
+    return float(rows["eval_seconds"].sum()) / (evaluating_seconds(rows) * evaluators)
+
+
 def run_layout(args: argparse.Namespace, layout: Layout) -> dict:
     """One search in this layout, and its throughput figures."""
     import ray
@@ -126,6 +133,8 @@ def run_layout(args: argparse.Namespace, layout: Layout) -> dict:
         "total_seconds": total, "search_seconds": search_seconds,
         "evaluations_per_hour": (len(log) - 1) / search_seconds * 3600,
         "median_eval_seconds": float(ok["eval_seconds"].median()),
+        "mean_eval_seconds": float(ok["eval_seconds"].mean()),
+        "busy_fraction": busy_fraction(ok, layout.evaluators),
         "tokens_per_s_per_gpu": tokens_per_gpu,
         "subnet_tflops_per_gpu": needed / per_gpu_second,
         "executed_tflops_per_gpu": executed / per_gpu_second,
@@ -156,12 +165,14 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         if args.out:
             args.out.write_text(json.dumps(rows, indent=2))
-    print("\n| layout | GPUs | build s | evals/h | evals/h evaluating | median eval s | "
-          "params % | tokens/s/GPU | sub-network TFLOP/s/GPU (evaluating) | executed TFLOP/s/GPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| layout | GPUs | build s | evals/h | evals/h evaluating | median (mean) eval s | "
+          "busy % | params % | tokens/s/GPU | sub-network TFLOP/s/GPU (evaluating) | "
+          "executed TFLOP/s/GPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layout']} | {r['gpus']} | {r['build_seconds']:.0f} | {r['evaluations_per_hour']:.0f} | "
-              f"{r['evaluations_per_hour_evaluating']:.0f} | {r['median_eval_seconds']:.1f} | "
+              f"{r['evaluations_per_hour_evaluating']:.0f} | {r['median_eval_seconds']:.1f} "
+              f"({r['mean_eval_seconds']:.1f}) | {100 * r['busy_fraction']:.0f} | "
               f"{100 * r['mean_params_fraction']:.1f} | {r['tokens_per_s_per_gpu']:,.0f} | "
               f"{r['subnet_tflops_per_gpu']:.0f} ({r['subnet_tflops_per_gpu_evaluating']:.0f}) | "
               f"{r['executed_tflops_per_gpu']:.0f} |")
