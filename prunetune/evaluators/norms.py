@@ -46,11 +46,12 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor
 
 @contextmanager
 def fused_norms(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` with every RMSNorm of `rms_norm_classes` computing through `rms_norm`, except
-    those whose forward is patched already (a mask's kept-channel norm keeps its own)."""
+    """`model` with every RMSNorm of `rms_norm_classes` (those classes exactly, not a
+    subclass with a forward of its own) computing through `rms_norm`, except those whose
+    forward is patched already (a mask's kept-channel norm keeps its own)."""
     classes = rms_norm_classes()
     patched = [m for m in model.modules()
-               if isinstance(m, classes) and "forward" not in m.__dict__]
+               if type(m) in classes and "forward" not in m.__dict__]
     for module in patched:
         module.forward = MethodType(_fused_forward, module)
     try:
