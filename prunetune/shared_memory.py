@@ -25,6 +25,11 @@ def allreduce_buffer(rank: int) -> Path:
     return SHM_DIR / name
 
 
+def allreduce_buffers() -> set[Path]:
+    """Every DeepSpeed all-reduce buffer name now in /dev/shm, of any group."""
+    return set(SHM_DIR.glob(f"{BUFFER_PREFIX}_*"))
+
+
 def unlink_allreduce_buffer() -> None:
     """After a barrier (every rank of the group has mapped every buffer once DeepSpeed's
     backend is made), unlink this rank's buffer name; nothing to do without a group or

@@ -27,7 +27,7 @@ from prunetune.training.distill import distill  # noqa: E402
 from prunetune.training.distributed import (  # noqa: E402
     WorkerSettings, distill_on_workers, train_on_workers,
 )
-from prunetune.shared_memory import BUFFER_PREFIX, SHM_DIR  # noqa: E402
+from prunetune.shared_memory import allreduce_buffers  # noqa: E402
 from prunetune.training.settings import SupernetSettings  # noqa: E402
 from prunetune.training.supernet import SupernetJob, train_supernet  # noqa: E402
 
@@ -79,7 +79,7 @@ def save_to(path: Path, student: torch.nn.Module) -> None:
 def test_two_gloo_workers_train_what_one_process_does(tmp_path: Path, zero_stage: int) -> None:
     teacher, alone = pair()
     reference = distill(teacher, alone, windows(), QUICK)
-    buffers_before = set(SHM_DIR.glob(f"{BUFFER_PREFIX}*"))
+    buffers_before = allreduce_buffers()
 
     workers = WorkerSettings(workers=2, storage=str(tmp_path / "ray"), name="two",
                              use_gpu=False, zero_stage=zero_stage)
@@ -90,7 +90,7 @@ def test_two_gloo_workers_train_what_one_process_does(tmp_path: Path, zero_stage
     torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-7)
     trained = torch.load(tmp_path / "student.pt", weights_only=True)
     torch.testing.assert_close(trained, states(alone), rtol=1e-5, atol=1e-6)
-    assert set(SHM_DIR.glob(f"{BUFFER_PREFIX}*")) <= buffers_before
+    assert allreduce_buffers() <= buffers_before
 
 
 def partitioned_build(folder: str, shares: str, device: torch.device, placement: str,

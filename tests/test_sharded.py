@@ -19,7 +19,7 @@ from prunetune.evaluators.perplexity import tokenize_windows
 from prunetune.evaluators.data import load_text
 from prunetune.evaluators.sharded.group import ShardedEvaluatorGroup, sharded_evaluator_class
 from prunetune.search_spaces import SubnetConfig
-from prunetune.shared_memory import BUFFER_PREFIX, SHM_DIR
+from prunetune.shared_memory import allreduce_buffers
 from prunetune.evaluators.importance import ImportanceScores, activation_scores
 
 # 128 neurons: AutoTP splits MLPs in grains of 64, so each of 2 ranks gets half.
@@ -81,7 +81,7 @@ GROUPS = [pytest.param(("zero3", True), id="zero3-tied"),
 def group(request, cluster, tiny_dirs):
     mode, tied = request.param
     settings = make_settings(tiny_dirs[tied])
-    buffers_before = set(SHM_DIR.glob(f"{BUFFER_PREFIX}*"))
+    buffers_before = allreduce_buffers()
     group = ShardedEvaluatorGroup(settings, f"group-{mode}", ShardingSettings(2, mode, timeout_s=120))
     group.buffers_before = buffers_before
     yield group
@@ -119,7 +119,7 @@ def test_group_perplexity_equals_the_single_device_evaluator(group) -> None:
 
 def test_the_live_group_leaves_no_buffer_in_shared_memory(group) -> None:
     assert group.info()["ranks"]
-    assert set(SHM_DIR.glob(f"{BUFFER_PREFIX}*")) <= group.buffers_before
+    assert allreduce_buffers() <= group.buffers_before
 
 
 def test_no_rank_holds_the_whole_model(group) -> None:
