@@ -71,9 +71,9 @@ def make_settings(model: str, **overrides) -> EvaluatorSettings:
 # autotp one without (AutoTP splits the LM head), tp both. Each mode computes its own
 # scores: the zero3 and tp groups on the sharded model, the autotp group on the unsharded
 # one.
-GROUPS = [pytest.param(("zero3", True), id="zero3-tied"),
+GROUPS = [pytest.param(("zero3", True), id="zero3-tied", marks=pytest.mark.slow),
           pytest.param(("tp", False), id="tp-untied", marks=pytest.mark.slow),
-          pytest.param(("tp", True), id="tp-tied", marks=pytest.mark.slow),
+          pytest.param(("tp", True), id="tp-tied"),
           pytest.param(("autotp", False), id="autotp-untied", marks=pytest.mark.slow)]
 
 

@@ -231,7 +231,7 @@ def test_export_keeps_the_zeros_and_records_the_sparsity(tmp_path, uniform) -> N
         assert nonzero(plain) == count_nonzero_params(model.config, subnet)
 
 
-@pytest.mark.parametrize("mode,pattern", [("masked", "2:4"),
+@pytest.mark.parametrize("mode,pattern", [pytest.param("masked", "2:4", marks=pytest.mark.slow),
                                           pytest.param("extracted", "unstructured", marks=pytest.mark.slow)])
 def test_a_sparse_search_runs_end_to_end_and_exports(tmp_path, smollm2_tokenizer, mode,
                                                      pattern) -> None:
