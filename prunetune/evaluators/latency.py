@@ -211,21 +211,23 @@ class DecodeGraph:
     no tensor to update between replays. With an `inductor_mode`, the step is compiled
     (`compile_step`) before it is captured; without, Hugging Face's modules are captured
     as they are. Capturing does not run the step, but the warm-up before it does (and
-    compiles): reset the cache before the first real prefill.
+    compiles): reset the cache before the first real prefill. `step` is the (compiled) step
+    itself, which also runs outside the graph, e.g. to see its kernels in a profiler.
     """
 
     def __init__(self, model: nn.Module, cache: Any, token: torch.Tensor,
                  inductor_mode: str | None = None) -> None:
         self.model, self.cache, self.token = model, cache, token
-        step = self._step if inductor_mode is None else compile_step(self._step, inductor_mode)
+        self.step = (self._step if inductor_mode is None
+                     else compile_step(self._step, inductor_mode))
         side = torch.cuda.Stream(token.device)
         side.wait_stream(torch.cuda.current_stream(token.device))
         with torch.cuda.stream(side):
-            step()  # compilation, lazy library and workspace set-up stay out of the graph
+            self.step()  # compilation, lazy library and workspace set-up stay out of the graph
         torch.cuda.current_stream(token.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(self.graph):
-            self.logits = step()
+            self.logits = self.step()
 
     def _step(self) -> torch.Tensor:
         return greedy_step(self.model, self.cache, self.token)
