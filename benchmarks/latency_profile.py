@@ -28,26 +28,17 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from latency import LLAMA3_8B, copy_bandwidth, width_targets
+from tp_profile import kind_of
 from prunetune.evaluators.latency import (
     INDUCTOR_MODE, DecodeGraph, latency_model, prefill_greedy,
 )
 from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.subnet import SubnetConfig
 
-KINDS = {
-    "split-K reduction": ("splitkreduce",),
-    "matmul": ("gemm", "cutlass", "xmma", "nvjet", "cublas"),
-    "attention": ("flash", "fmha", "sdpa", "attention"),
-}
-"""Kinds of kernels by a part of their name, first match wins (a split-K reduction is a
-cuBLAS kernel too, and is counted apart)."""
-
-
-def kind_of(name: str) -> str:
-    """The kind of a kernel by its name (`KINDS`), else `other`."""
-    lower = name.lower()
-    return next((kind for kind, marks in KINDS.items() if any(m in lower for m in marks)),
-                "other")
+def kernel_kind(name: str) -> str:
+    """`tp_profile`'s kind of a kernel, but cuBLAS's split-K reductions (`cublas` kernels by
+    name) counted apart from the matrix products whose partial sums they add."""
+    return "split-K reduction" if "splitkreduce" in name.lower() else kind_of(name)
 
 
 def replay_ms(graph: DecodeGraph, steps: int) -> float:
@@ -90,7 +81,8 @@ def profile_shape(config: Any, subnet: SubnetConfig, mode: str, inductor_mode: s
     torch.cuda.empty_cache()
     by_kind: dict[str, float] = {}
     for name, micros in kernels:
-        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + micros / steps / 1e3
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + micros / steps / 1e3
     kernel_ms = sum(by_kind.values())
     weights = count_params(config, subnet) - config.vocab_size * subnet.embed
     return {"mode": mode, "replay_ms": replay, "kernels_per_step": len(kernels) / steps,
