@@ -42,7 +42,9 @@ from typing import Any
 
 import torch
 
-from prunetune.evaluators.latency import INDUCTOR_MODE, latency_model, measure_latency
+from prunetune.evaluators.latency import (
+    INDUCTOR_MODE, DeviceTimer, latency_model, measure_latency,
+)
 from prunetune.evaluators.settings import LATENCY_MODES, LatencySettings
 from prunetune.search_spaces import SubnetConfig
 from prunetune.search_spaces.cost import (
@@ -60,14 +62,8 @@ def copy_bandwidth(gib: int = 2, repeats: int = 20) -> float:
     """Bytes per second of a device-to-device copy of `gib` GiB (read plus written), median."""
     src = torch.randn(gib * 2**29, device="cuda")
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    timer = DeviceTimer(src.device)
+    times = [timer(lambda: dst.copy_(src)) / 1e3 for _ in range(repeats + 3)]
     return 2 * src.numel() * src.element_size() / statistics.median(times[3:])
 
 

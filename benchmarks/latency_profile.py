@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from latency import LLAMA3_8B, copy_bandwidth, width_targets
 from tp_profile import kind_of
 from prunetune.evaluators.latency import (
-    INDUCTOR_MODE, DecodeGraph, latency_model, prefill_greedy,
+    INDUCTOR_MODE, DecodeGraph, DeviceTimer, latency_model, prefill_greedy,
 )
 from prunetune.search_spaces.cost import count_params
 from prunetune.search_spaces.subnet import SubnetConfig
@@ -43,12 +43,7 @@ def kernel_kind(name: str) -> str:
 
 def replay_ms(graph: DecodeGraph, steps: int) -> float:
     """Milliseconds per replay of `steps` back-to-back replays."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay(steps)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
+    return DeviceTimer(graph.token.device)(lambda: graph.replay(steps)) / steps
 
 
 def step_kernels(graph: DecodeGraph, steps: int) -> list[tuple[str, float]]:

@@ -61,8 +61,9 @@ SEMI_STRUCTURED_MULTIPLES = {torch.float16: (32, 64), torch.bfloat16: (32, 64),
 """(rows, columns) a weight's shape must be a multiple of to be stored semi-structured."""
 
 
-class _Timer:
-    """Wall time on CPU; CUDA events on GPU, so that queued kernels are counted."""
+class DeviceTimer:
+    """Milliseconds a call takes on a device: wall time on CPU; CUDA events on GPU, so
+    that queued kernels are counted."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -128,7 +129,7 @@ def _eager_latency(model: nn.Module, settings: LatencySettings,
     """Every step launched from Python on a growing cache; decode is the median step."""
     from transformers import DynamicCache
 
-    timer = _Timer(device)
+    timer = DeviceTimer(device)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (settings.batch_size, settings.prompt_tokens), device=device)
     step = torch.randint(0, vocab, (settings.batch_size, 1), device=device)
@@ -150,7 +151,7 @@ def _graph_latency(model: nn.Module, settings: LatencySettings, device: torch.de
     `inductor_mode`, unless None) replayed back to back."""
     from transformers import StaticCache
 
-    timer = _Timer(device)
+    timer = DeviceTimer(device)
     tokens = settings.decode_tokens
     prompt = torch.randint(0, model.config.vocab_size,
                            (settings.batch_size, settings.prompt_tokens), device=device)
